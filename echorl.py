@@ -1,0 +1,128 @@
+"""EchoRL: select EchoClips from advantage-degenerated groups and add a small SFT loss on them.
+
+method.md sections 2-3. In a group where every rollout is correct, all advantages are zero and
+the policy loss teaches nothing. EchoRL splits a correct rollout into steps, finds the step of
+highest mean token entropy (its hardest decision that it still got right), and keeps the prefix
+that ends there (the EchoClip). A supervised term `-coef * mean log p(clip tokens)` is added to
+the RL loss. Selection is a few tensor ops on quantities the loop already has (old-policy
+entropies, the response mask); the loss reuses the training forward's log-probs.
+
+Everything here is a pure function of tensors so it can be called from a notebook:
+
+    sids = entropy.step_ids(response_ids, response_mask, entropy.delimiter_table(tok), eos_ids)
+    clip_mask, stats = select_clips(correct, group, response_mask, entropies, sids, EchoConfig())
+    loss = policy_loss + echo_loss(logprobs, clip_mask, coef=0.001)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from entropy import step_reduce
+
+
+@dataclass
+class EchoConfig:
+    enabled: bool = True
+    coef: float = 0.001                      # lambda; the authors' script uses 1e-3
+    delimiter: Literal["newline", "sentence"] = "newline"
+    reduce: Literal["mean", "max", "sum"] = "mean"
+    select: Literal["peak", "random_step", "full", "lowest_entropy"] = "peak"
+    scope: Literal["degenerate", "success"] = "degenerate"
+    clips_per_group: Literal["1", "all"] = "1"
+    min_steps: int = 1                       # responses with fewer steps give no clip
+    max_clip_tokens: int = 0                 # 0 = no bound
+    keep_dropped_groups: bool = True         # DAPO: groups dropped by dynamic sampling still feed clips
+
+
+def select_clips(correct: torch.Tensor, group: torch.Tensor, response_mask: torch.Tensor,
+                 entropies: torch.Tensor, sids: torch.Tensor, cfg: EchoConfig,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """EchoClip mask [B, R] (float) and statistics.
+
+    correct [B] bool, group [B] long, response_mask [B, R], entropies [B, R] (old policy, no grad),
+    sids [B, R] step index per token (-1 on padding, from entropy.step_ids).
+    """
+    B, R = response_mask.shape
+    assert correct.shape == group.shape == (B,) and entropies.shape == sids.shape == (B, R)
+    dev = response_mask.device
+    valid = response_mask > 0
+    correct = correct.bool()
+    _, g = torch.unique(group, return_inverse=True)                               # dense group ids
+    n_groups = int(g.max()) + 1 if B else 0
+    g_all = torch.ones(n_groups, dtype=torch.bool, device=dev).scatter_reduce(0, g, correct, "amin")
+    all_success = g_all[g]                                                        # [B]
+
+    step_h = step_reduce(entropies, sids, cfg.reduce)                            # [B, S], -inf = no step
+    n_steps = sids.max(-1).values + 1                                             # [B]
+    peak_h, peak_k = step_h.max(-1)                                               # earliest on ties
+    if cfg.select == "peak":
+        k = peak_k
+    elif cfg.select == "lowest_entropy":
+        k = step_h.masked_fill(step_h == float("-inf"), float("inf")).argmin(-1)
+    elif cfg.select == "full":
+        k = n_steps - 1
+    elif cfg.select == "random_step":
+        u = torch.rand(B, generator=generator, device="cpu").to(dev)
+        k = (u * n_steps.clamp_min(1)).long().clamp(max=n_steps.clamp_min(1) - 1)
+    else:
+        raise ValueError(f"unknown echo.select {cfg.select!r}; allowed: peak, random_step, full, lowest_entropy")
+
+    scope = {"degenerate": all_success, "success": torch.ones_like(all_success)}[cfg.scope]
+    eligible = correct & scope & (n_steps >= max(cfg.min_steps, 1))
+    if cfg.clips_per_group == "1":
+        # One rollout per group: the one whose peak step is hardest (earliest row on ties).
+        score = peak_h.masked_fill(~eligible, float("-inf"))
+        g_best = torch.full((n_groups,), float("-inf"), device=dev).scatter_reduce(0, g, score, "amax")
+        cand = eligible & (score == g_best[g])
+        rows = torch.arange(B, device=dev).masked_fill(~cand, B)
+        g_first = torch.full((n_groups,), B, device=dev).scatter_reduce(0, g, rows, "amin")
+        chosen = cand & (rows == g_first[g])
+    elif cfg.clips_per_group == "all":
+        chosen = eligible
+    else:
+        raise ValueError(f"unknown echo.clips_per_group {cfg.clips_per_group!r}; allowed: '1', 'all'")
+
+    clip = valid & chosen[:, None] & (sids <= k[:, None]) & (sids >= 0)           # [B, R]
+    if cfg.max_clip_tokens > 0:
+        clip = clip & (clip.long().cumsum(-1) <= cfg.max_clip_tokens)
+    return clip.float(), _stats(clip, chosen, valid, all_success, g, n_groups, k, n_steps, step_h, entropies)
+
+
+def _stats(clip, chosen, valid, all_success, g, n_groups, k, n_steps, step_h, entropies) -> dict:
+    """method.md section 3's per-step metrics (plain floats)."""
+    n = int(chosen.sum())
+    degenerate_groups = torch.zeros(n_groups, dtype=torch.bool, device=clip.device).index_fill(
+        0, g[all_success], True)
+    groups_with_clip = torch.zeros(n_groups, dtype=torch.bool, device=clip.device).index_fill(0, g[chosen], True)
+    n_deg = int(degenerate_groups.sum())
+    out = {"echo/n_clips": float(n), "echo/success_groups": float(n_deg),
+           "echo/clip_group_share": float((groups_with_clip & degenerate_groups).sum()) / n_deg if n_deg else 0.0}
+    if n:
+        c, vf = clip[chosen].float(), valid[chosen].float()
+        kk, ns = k[chosen].float(), n_steps[chosen].float()
+        ent = entropies[chosen].float()
+        out.update({
+            "echo/clip_tokens": float(c.sum(-1).mean()),
+            "echo/clip_frac": float((c.sum(-1) / vf.sum(-1).clamp_min(1)).mean()),
+            "echo/peak_step": float(kk.mean()),
+            "echo/peak_pos": float(((kk + 1) / ns).mean()),              # 1.0 = the last step
+            "echo/peak_step_entropy": float(step_h[chosen].gather(1, k[chosen, None]).mean()),
+            "echo/response_entropy": float(((ent * vf).sum(-1) / vf.sum(-1).clamp_min(1)).mean()),
+        })
+    return out
+
+
+def echo_loss(logprobs: torch.Tensor, clip_mask: torch.Tensor, coef: float,
+              n_clip_tokens: float | None = None) -> torch.Tensor:
+    """L_echo = -coef * mean over clip tokens of log pi(y_t | prefix) (method.md section 3).
+
+    `n_clip_tokens` is the clip-token count of the whole mini-batch, so that micro-batches sum to
+    the full-batch value; by default this micro-batch's own count.
+    """
+    n = clip_mask.sum() if n_clip_tokens is None else n_clip_tokens
+    if float(n) == 0:
+        return logprobs.sum() * 0.0  # keeps the graph; contributes no gradient
+    return -coef * (logprobs * clip_mask).sum() / n

@@ -1,0 +1,324 @@
+"""Evaluate a model on math benchmarks: avg@n, pass@k, maj@n, response length, truncation rate.
+
+    python eval.py --model Qwen/Qwen2.5-Math-1.5B --benchmarks math500,gsm8k,aime24 --n 4 --k 1,4
+
+Generations go through rollout.py (the same sampler as training) and are cached per
+(model, benchmark, sampling settings) as JSONL in --out-dir, one line per finished problem, so an
+interrupted run resumes where it stopped (the remaining problems are then sampled from a fresh
+random stream, so sampled metrics match an uninterrupted run only up to sampling noise).
+train.py's periodic evaluation calls `evaluate()`.
+
+Temperature 0 means greedy decoding: every sample would be identical, so n is forced to 1
+(with a warning) and pass@k for k > 1 is dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import reward
+import rollout
+from data import Problem
+
+DEFAULT_BENCHMARKS = "math500,gsm8k,aime24,amc23,minerva_math,olympiadbench"
+DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), for c correct of n samples.
+
+    The ratio is expanded as prod_{i=n-c+1}^{n} (1 - k/i), which never forms huge binomials.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def _normalize(answer: str) -> str:
+    return re.sub(r"\s+", "", answer)
+
+
+def _same_answer(a: str, b: str) -> bool:
+    # cheap string test first; the verifier (sympy) only for answers that look different
+    return _normalize(a) == _normalize(b) or reward.verify(f"\\boxed{{{a}}}", b)
+
+
+def _vote_index(answers: list[str | None]) -> int | None:
+    """Index of the first sample of the largest equivalence class (ties: earliest class wins)."""
+    reps: list[int] = []    # first sample index of each class, in order of appearance
+    counts: list[int] = []
+    for i, a in enumerate(answers):
+        if a is None:
+            continue
+        j = next((j for j, r in enumerate(reps) if _same_answer(a, answers[r])), None)
+        if j is None:
+            reps.append(i)
+            counts.append(1)
+        else:
+            counts[j] += 1
+    if not reps:
+        return None
+    return reps[max(range(len(reps)), key=lambda j: (counts[j], -j))]
+
+
+def majority_vote(answers: list[str | None]) -> str | None:
+    """Most common answer up to equivalence; None answers (nothing extracted) do not vote."""
+    i = _vote_index(answers)
+    return None if i is None else answers[i]
+
+
+def score_problem(problem: Problem, texts: list[str], lengths: list[int],
+                  truncated: list[bool]) -> dict:
+    """Per-problem record: extracted answers, correctness of each sample, majority vote."""
+    answers = [reward.extract_answer(t) for t in texts]
+    correct = [bool(reward.verify(t, problem.answer)) for t in texts]
+    maj = _vote_index(answers)
+    # the majority answer is right iff the sample it came from is (same text, same verifier)
+    return {"id": problem.id, "gold": problem.answer, "answers": answers, "correct": correct,
+            "maj_answer": None if maj is None else answers[maj],
+            "maj_correct": maj is not None and correct[maj],
+            "lengths": lengths, "truncated": truncated, "texts": texts}
+
+
+def summarize(records: list[dict], n: int, ks: tuple[int, ...]) -> dict:
+    """Benchmark metrics (fractions in [0, 1]; lengths in tokens) from per-problem records."""
+    P = len(records)
+    flat = lambda key: [x for r in records for x in r[key]]
+    out = {"num_problems": P, "n": n, "avg@n": sum(flat("correct")) / (P * n)}
+    for k in ks:
+        out[f"pass@{k}"] = sum(pass_at_k(n, sum(r["correct"]), k) for r in records) / P
+    out["maj@n"] = sum(r["maj_correct"] for r in records) / P
+    out["mean_length"] = sum(flat("lengths")) / (P * n)
+    out["truncation_rate"] = sum(flat("truncated")) / (P * n)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# generation cache: one JSON line per finished problem {"id", "texts", "lengths", "truncated"}
+
+def read_cache(path: Path, n: int) -> dict[str, dict]:
+    """Finished problems by id. A line cut short by a kill (or otherwise unreadable) is dropped
+    and the file rewritten without it, so that later appends start on a fresh line."""
+    if not path.exists():
+        return {}
+    raw = path.read_text(encoding="utf-8")
+    done, kept = {}, []
+    for line in raw.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and len(rec.get("texts", ())) == n:
+            done[str(rec["id"])] = rec
+            kept.append(line)
+    clean = "".join(line + "\n" for line in kept)
+    if clean != raw:
+        warnings.warn(f"{path}: dropped {len(raw.splitlines()) - len(kept)} unreadable cache lines")
+        path.write_text(clean, encoding="utf-8")
+    return done
+
+
+def _append_cache(path: Path, records: list[dict]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+def evaluate(model, tokenizer, problems: list[Problem], *, n: int = 1, temperature: float = 0.0,
+             top_p: float = 1.0, max_new_tokens: int = 1024, template: str = "chat",
+             system_prompt: str | None = None, batch_size: int | None = None,
+             ks: tuple[int, ...] = (1,), cache_path: str | Path | None = None,
+             progress: bool = True, desc: str = "eval") -> dict:
+    """Sample n responses per problem and score them.
+
+    Returns the metrics of `summarize` plus "records": [score_problem(...) per problem].
+    `batch_size` bounds the sequences per generate call; problems are generated
+    batch_size // n at a time and each finished chunk is appended to `cache_path`.
+    """
+    if not problems:
+        raise ValueError("evaluate: no problems")
+    if len({p.id for p in problems}) < len(problems):
+        raise ValueError("evaluate: problem ids must be unique (they key the generation cache)")
+    if temperature == 0 and n > 1:
+        warnings.warn(f"temperature 0 is greedy: all {n} samples would be identical; using n=1")
+        n = 1
+    if any(k > n for k in ks):
+        warnings.warn(f"dropping pass@k for k > n={n}: {[k for k in ks if k > n]}")
+    ks = tuple(k for k in ks if k <= n)
+
+    cache_path = Path(cache_path) if cache_path is not None else None
+    done = read_cache(cache_path, n) if cache_path is not None else {}
+    todo = [p for p in problems if p.id not in done]
+    per_call = max(1, (batch_size or n) // n)
+    bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=desc,
+               disable=not progress, dynamic_ncols=True)
+    for s in range(0, len(todo), per_call):
+        chunk = todo[s:s + per_call]
+        prompts = rollout.render_prompts([p.question for p in chunk], tokenizer, template, system_prompt)
+        out = rollout.generate(model, tokenizer, prompts, group_size=n, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=top_p, batch_size=batch_size)
+        lengths = out.response_mask.sum(-1).long().tolist()  # [len(chunk) * n]
+        truncated = out.truncated.tolist()
+        new = [{"id": p.id, "texts": out.texts[i * n:(i + 1) * n], "lengths": lengths[i * n:(i + 1) * n],
+                "truncated": truncated[i * n:(i + 1) * n]} for i, p in enumerate(chunk)]
+        if cache_path is not None:
+            _append_cache(cache_path, new)
+        done.update((r["id"], r) for r in new)
+        bar.update(len(chunk))
+    bar.close()
+
+    records = [score_problem(p, done[p.id]["texts"], done[p.id]["lengths"], done[p.id]["truncated"])
+               for p in problems]
+    return {**summarize(records, n, ks), "records": records}
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+
+def _cell(key: str, value: float) -> str:
+    if key == "mean_length":
+        return f"{value:.0f}"
+    if key in ("num_problems", "n"):
+        return f"{value:g}"
+    return f"{100 * value:.1f}"  # accuracies and truncation rate, in percent
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Markdown table, one row per benchmark (+ a macro average row when there are several).
+    Accuracies and truncation are in percent, lengths in tokens."""
+    keys: list[str] = []
+    for m in results.values():
+        keys += [k for k in m if k not in keys]
+    names = {"num_problems": "problems", "mean_length": "len", "truncation_rate": "trunc"}
+    ns = {m.get("n") for m in results.values()}
+    if len(ns) == 1:  # one n for all rows: name it in the header ("avg@4")
+        (n,) = ns
+        names |= {"avg@n": f"avg@{n}", "maj@n": f"maj@{n}"}
+    rows = [[name] + [_cell(k, m[k]) if k in m else "-" for k in keys] for name, m in results.items()]
+    if len(results) > 1:
+        avg = lambda k: [m[k] for m in results.values() if k in m]
+        rows.append(["average"] + [_cell(k, sum(avg(k)) / len(avg(k))) if k not in ("num_problems", "n")
+                                   else "-" for k in keys])
+    header = ["benchmark"] + [names.get(k, k) for k in keys]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# model loading and CLI
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_model(path_or_id: str, dtype: str = "bfloat16", device: str = "auto"):
+    """(model, tokenizer) from a local HF folder or a hub id, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    if tokenizer.pad_token is None:  # many base checkpoints ship without one; batching needs it
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=getattr(torch, dtype))
+    return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def _slug(text: str) -> str:
+    """Short file-safe name + hash of the full string (two checkpoints named 'final' differ)."""
+    p = Path(text)
+    full = str(p.resolve()) if p.exists() else text
+    name = re.sub(r"[^\w.-]+", "_", p.name or "x")[:40]
+    return f"{name}-{hashlib.sha1(full.encode()).hexdigest()[:6]}"
+
+
+def run_tag(model: str, n: int, temperature: float, top_p: float, max_new_tokens: int,
+            template: str, system_prompt: str | None) -> str:
+    """File-name stem naming the model and every setting that changes the generations."""
+    tag = f"{_slug(model)}__n{n}_t{temperature:g}_p{top_p:g}_len{max_new_tokens}_{template}"
+    if system_prompt:
+        tag += "_sys" + hashlib.sha1(system_prompt.encode()).hexdigest()[:6]
+    return tag
+
+
+def _load(name: str, data_dir: str, limit: int | None) -> tuple[str, list[Problem]]:
+    # a benchmark is a registered name or the path of a .jsonl/.json file of problems
+    if name.endswith((".jsonl", ".json")):
+        return _slug(name), data.load_problems(name, limit=limit)
+    return name, data.load_benchmark(name, data_dir, limit)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate a model on math benchmarks (avg@n, pass@k, maj@n).")
+    p.add_argument("--model", required=True, help="local HF model folder or hub id")
+    p.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS,
+                   help="comma-separated registered names (see data.BENCHMARKS) or .jsonl/.json paths")
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--n", type=int, default=4, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (forces n=1)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=3072)
+    p.add_argument("--k", default="1", help="comma-separated k for pass@k (k <= n)")
+    p.add_argument("--limit", type=int, default=None, help="first L problems of each benchmark")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
+    p.add_argument("--template", choices=["chat", "plain"], default="chat")
+    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help='"" for none')
+    p.add_argument("--out-dir", default="eval_out")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    n = 1 if args.temperature == 0 else args.n  # greedy: see module docstring
+    ks = tuple(int(k) for k in args.k.split(",") if k.strip())
+    system_prompt = args.system_prompt or None
+    benchmarks = [_load(b.strip(), args.data_dir, args.limit) for b in args.benchmarks.split(",") if b.strip()]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = run_tag(args.model, n, args.temperature, args.top_p, args.max_new_tokens, args.template, system_prompt)
+
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    results, records = {}, {}
+    for name, problems in benchmarks:
+        res = evaluate(model, tokenizer, problems, n=n, temperature=args.temperature, top_p=args.top_p,
+                       max_new_tokens=args.max_new_tokens, template=args.template,
+                       system_prompt=system_prompt, batch_size=args.batch_size, ks=ks,
+                       cache_path=out_dir / f"{tag}__{name}.jsonl", desc=name)
+        records[name] = res.pop("records")
+        results[name] = res
+
+    table = format_table(results)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "benchmarks")}
+    (out_dir / f"{tag}.json").write_text(json.dumps(
+        {"settings": settings, "results": results, "records": records}, indent=1, ensure_ascii=False))
+    (out_dir / f"{tag}.md").write_text(f"# {args.model}\n\n{table}\n")
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Rewards and log-probs in, a scalar loss out: advantages, policy losses, aggregation, KL.
+
+Every method of method.md section 4 is a row of PRESETS: an advantage estimator, a policy loss
+and an aggregation (plus a few flags for DAPO). A new variant is a new small function and a row.
+
+Micro-batch invariance (method.md pitfall 4): `aggregate` takes normalisers computed over the
+whole mini-batch (`Norm`), so summing the per-micro-batch losses gives the full-batch loss for
+any split, and gradient accumulation needs no extra rescaling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# ----------------------------------------------------------------------------------------
+# Advantages: rewards [B], group ids [B] -> advantages [B]
+
+
+def _group_stats(rewards: torch.Tensor, group: torch.Tensor):
+    """Per-row centred reward r - mean_g, unbiased group std, and group size.
+
+    A group of equal rewards gets a centred reward of exactly 0: float32 `sum / n` is not exact
+    for rewards like 2/3 (overlong shaping), and a 1e-8 residue divided by std + eps would become
+    a real policy gradient on a degenerate group (method.md pitfall 5).
+    """
+    _, inv = torch.unique(group, return_inverse=True)
+    n_groups = int(inv.max()) + 1
+    r = rewards.float()
+    zeros = torch.zeros(n_groups, device=r.device)
+    size = zeros.index_add(0, inv, torch.ones_like(r))
+    mean = zeros.index_add(0, inv, r) / size
+    hi = torch.full_like(zeros, float("-inf")).scatter_reduce(0, inv, r, "amax")
+    lo = torch.full_like(zeros, float("inf")).scatter_reduce(0, inv, r, "amin")
+    centred = torch.where((hi == lo)[inv], torch.zeros_like(r), r - mean[inv])
+    std = (zeros.index_add(0, inv, centred ** 2) / (size - 1).clamp_min(1)).sqrt()  # unbiased, as torch.std
+    return centred, std[inv], size[inv]
+
+
+def adv_grpo(rewards, group, eps: float = 1e-6):
+    """GRPO: (r - mean_g) / (std_g + eps)."""
+    centred, std, _ = _group_stats(rewards, group)
+    return centred / (std + eps)
+
+
+def adv_drgrpo(rewards, group, eps: float = 1e-6):
+    """Dr. GRPO: r - mean_g (no std division, which over-weights easy/hard prompts)."""
+    return _group_stats(rewards, group)[0]
+
+
+def adv_rloo(rewards, group, eps: float = 1e-6):
+    """RLOO: r_i - mean_{j != i} r_j  =  G / (G - 1) * (r_i - mean_g)."""
+    centred, _, size = _group_stats(rewards, group)
+    return centred * size / (size - 1).clamp_min(1)
+
+
+def adv_reinforce_pp_baseline(rewards, group, eps: float = 1e-6):
+    """REINFORCE++ (baseline): r - mean_g, then whitened over the batch.
+
+    With equal group sizes the batch mean of group-centred rewards is exactly 0, so whitening
+    reduces to dividing by the batch std; we skip the mean so zero-std groups stay exactly 0.
+    """
+    a = adv_drgrpo(rewards, group)
+    return a / (a.std() + eps) if a.numel() > 1 else a
+
+
+ADVANTAGES = {"grpo": adv_grpo, "drgrpo": adv_drgrpo, "rloo": adv_rloo,
+              "reinforce_pp_baseline": adv_reinforce_pp_baseline}
+
+
+def constant_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[n_groups] bool: every reward of the group is equal (zero advantage, "degenerate").
+    Rows are grouped contiguously; an exact max == min test, not std == 0 (see _group_stats)."""
+    g = rewards.view(-1, group_size)
+    return g.amax(-1) == g.amin(-1)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO soft overlong punishment: 0 up to max_len - buffer, then linear down to -penalty at max_len."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float)
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0)
+    return -penalty * (over / buffer).clamp(max=1.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Policy losses: per-token loss [B, T] and clip indicators
+
+
+def ppo_clip_loss(logp, old_logp, adv, mask, eps_low: float, eps_high: float, dual_clip: float | None = None):
+    """PPO clip with asymmetric eps (DAPO clip-higher) and optional dual clip (c > 1).
+
+    loss_t = max(-A rho_t, -A clip(rho_t, 1 - eps_low, 1 + eps_high)); with dual clip, for A < 0
+    the loss is also capped at -A * c.  logp, old_logp, mask [B, T]; adv [B].
+    """
+    A = adv[:, None].to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)                                           # [B, T]
+    loss1, loss2 = -A * ratio, -A * ratio.clamp(1 - eps_low, 1 + eps_high)
+    loss = torch.maximum(loss1, loss2)
+    if dual_clip is not None:
+        loss = torch.where(A < 0, torch.minimum(loss, -A * dual_clip), loss)
+    clipped = (loss2 > loss1) & (mask > 0)
+    stats = {"clip_low": (clipped & (ratio < 1 - eps_low)).float(),
+             "clip_high": (clipped & (ratio > 1 + eps_high)).float(), "ratio": ratio.detach()}
+    return loss, stats
+
+
+def gspo_loss(logp, old_logp, adv, mask, eps_low: float, eps_high: float, dual_clip: float | None = None):
+    """GSPO: one length-normalised sequence ratio s = exp(mean_t(logp - old)), clipped per sequence.
+
+    Returned per token (each valid token carries its sequence's loss), so the `seq-mean-token-mean`
+    aggregation yields the mean over sequences of the sequence loss.
+    """
+    n = mask.sum(-1).clamp_min(1)
+    log_s = ((logp - old_logp) * mask).sum(-1) / n                               # [B]
+    s = torch.exp(log_s)
+    A = adv.to(logp.dtype)
+    loss1, loss2 = -A * s, -A * s.clamp(1 - eps_low, 1 + eps_high)
+    loss = torch.maximum(loss1, loss2)
+    clipped = loss2 > loss1
+    per_tok = lambda x: x[:, None].expand_as(mask) * (mask > 0)
+    stats = {"clip_low": per_tok((clipped & (s < 1 - eps_low)).float()),
+             "clip_high": per_tok((clipped & (s > 1 + eps_high)).float()), "ratio": per_tok(s.detach())}
+    return loss[:, None].expand_as(mask), stats
+
+
+POLICY_LOSSES = {"ppo_clip": ppo_clip_loss, "gspo": gspo_loss}
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+# ----------------------------------------------------------------------------------------
+# Aggregation: per-token values [b, T] of one micro-batch -> its share of the mini-batch loss
+
+
+@dataclass
+class Norm:
+    """Normalisers of one mini-batch (all its micro-batches share them)."""
+    n_seqs: float     # sequences in the mini-batch that enter the policy loss
+    n_tokens: float   # their response tokens
+    max_len: int      # constant L_max of seq-mean-token-sum-norm (Dr. GRPO)
+
+    @staticmethod
+    def of(mask: torch.Tensor, max_len: int) -> "Norm":
+        """mask [B, T] (zero rows = sequences outside the policy loss)."""
+        return Norm(n_seqs=float((mask.sum(-1) > 0).sum().clamp_min(1)),
+                    n_tokens=float(mask.sum().clamp_min(1)), max_len=max_len)
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, norm: Norm) -> torch.Tensor:
+    """token-mean: sum / tokens. seq-mean-token-mean: mean over sequences of each one's token mean.
+    seq-mean-token-sum-norm: sum / (sequences * L_max), a constant that does not depend on lengths."""
+    v = values * mask
+    if mode == "token-mean":
+        return v.sum() / norm.n_tokens
+    if mode == "seq-mean-token-mean":
+        return (v.sum(-1) / mask.sum(-1).clamp_min(1)).sum() / norm.n_seqs
+    if mode == "seq-mean-token-sum-norm":
+        return v.sum() / (norm.n_seqs * norm.max_len)
+    raise ValueError(f"unknown loss aggregation {mode!r}; allowed: {AGGREGATIONS}")
+
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+# ----------------------------------------------------------------------------------------
+# Method presets (method.md section 4). Config keys left unset take these values.
+
+PRESETS = {
+    "grpo": dict(advantage="grpo", policy_loss="ppo_clip", aggregation="seq-mean-token-mean",
+                 eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0),
+    "dapo": dict(advantage="grpo", policy_loss="ppo_clip", aggregation="token-mean",
+                 eps_low=0.2, eps_high=0.28, dynamic_sampling=True, overlong_buffer=-1),  # -1: max_len // 4
+    "drgrpo": dict(advantage="drgrpo", policy_loss="ppo_clip", aggregation="seq-mean-token-sum-norm",
+                   eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0),
+    "rloo": dict(advantage="rloo", policy_loss="ppo_clip", aggregation="token-mean",
+                 eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0),
+    "reinforce_pp": dict(advantage="reinforce_pp_baseline", policy_loss="ppo_clip", aggregation="token-mean",
+                         eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0),
+    "gspo": dict(advantage="grpo", policy_loss="gspo", aggregation="seq-mean-token-mean",
+                 eps_low=3e-4, eps_high=4e-4, dynamic_sampling=False, overlong_buffer=0),
+}
+
+
+def policy_loss(logp, old_logp, adv, mask, *, policy_loss: str, aggregation: str, eps_low: float,
+                eps_high: float, norm: Norm, dual_clip: float | None = None):
+    """The method's policy loss for one micro-batch, and token-summed clip counts for logging."""
+    loss_tok, stats = POLICY_LOSSES[policy_loss](logp, old_logp, adv, mask, eps_low, eps_high, dual_clip)
+    return aggregate(loss_tok, mask, aggregation, norm), {k: (v * mask).sum() for k, v in stats.items()}

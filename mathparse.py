@@ -1,0 +1,660 @@
+"""Safe LaTeX -> sympy parser for final answers (the front end of reward.py).
+
+Model text never reaches eval, exec or any of sympy's string parsers: a regex tokenizer and a
+recursive-descent parser build sympy objects from a whitelist of operations. All work is
+bounded: nesting depth, the size of exact numbers, numeric exponents, and a wall-clock deadline
+checked at every atom. Breaking a bound raises BoundError; text that is not a math answer we
+understand raises ParseError (the caller then compares it as text).
+
+Tuples, intervals, unordered lists, equations and matrices get small containers below rather
+than sympy's Interval/FiniteSet/Union, which evaluate eagerly (merging, sorting, numeric
+comparisons) and cannot express that "(1, 2)" may be a point or an open interval.
+"""
+
+import fractions
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import mpmath
+import sympy as sp
+
+MAX_DEPTH = 40  # nesting of brackets, braces, functions and exponents
+MAX_DIGITS = 1000  # largest exact number, in decimal digits (100! has 158, 2^1009 has 304)
+MAX_EXPONENT = 10_000  # largest |numeric exponent|
+MAX_ROOT_DIGITS = 100  # sympy factors the radicand of a root: keep it small
+MAX_FACTORIAL = 450  # 450! has about 1000 digits
+MAX_LOG = 1e5  # numeric evaluation: |ln value| beyond this counts as overflow
+PARSE_SECONDS = 0.5
+
+PM = sp.Dummy("pm")  # stands for the sign in "a \pm b" until the list is expanded
+
+
+class ParseError(ValueError):
+    """The text is not a math answer this parser understands."""
+
+
+class BoundError(RuntimeError):
+    """The input broke a size, depth or time bound."""
+
+
+@dataclass(frozen=True)
+class Seq:
+    items: tuple
+    kind: str  # "tuple": (a, b), ordered | "list": bare a, b (all solutions) | "set": \{a, b\}
+
+
+@dataclass(frozen=True)
+class Interval:
+    lo: sp.Expr
+    hi: sp.Expr
+    left_open: bool
+    right_open: bool
+
+
+@dataclass(frozen=True)
+class SetUnion:
+    parts: tuple
+
+
+@dataclass(frozen=True)
+class Equation:
+    lhs: sp.Expr
+    rhs: object
+    named: bool  # lhs is a bare name such as x, a_1 or f(x): "x = 5" may be compared with "5"
+
+
+@dataclass(frozen=True)
+class Matrix:
+    rows: tuple
+
+
+_TOKEN = re.compile(
+    r"""
+    (?P<ws>\s+|\\[,;:!\ ]|~|\\q?quad(?![a-zA-Z])|\\displaystyle(?![a-zA-Z])
+        |\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])\.?)
+  | (?P<env>\\(?:begin|end)\s*\{[a-zA-Z]+\})
+  | (?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
+  | (?P<cmd>\\[a-zA-Z]+|\\[{}|\\])
+  | (?P<name>[a-zA-Z])
+  | (?P<op>[-+*/^_!=(),\[\]{}|&])
+    """,
+    re.X,
+)
+_ENV = re.compile(r"\\(?:begin|end)\s*\{[a-zA-Z]+\}")
+_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")  # a word, not a product of variables
+
+_FRAC = {r"\frac", r"\dfrac", r"\tfrac", r"\cfrac"}
+_BINOM = {r"\binom", r"\dbinom", r"\tbinom"}
+_FUNCS = {
+    "sin": sp.sin, "cos": sp.cos, "tan": sp.tan, "cot": sp.cot, "sec": sp.sec, "csc": sp.csc,
+    "arcsin": sp.asin, "arccos": sp.acos, "arctan": sp.atan,
+    "sinh": sp.sinh, "cosh": sp.cosh, "tanh": sp.tanh, "exp": sp.exp, "ln": sp.log, "log": sp.log,
+}
+_INVERSE = {"sin": "arcsin", "cos": "arccos", "tan": "arctan"}  # \sin^{-1} x
+_CONSTANTS = {r"\pi": sp.pi, r"\infty": sp.oo, r"\infin": sp.oo}
+_EMPTY = {r"\emptyset", r"\varnothing"}
+_GREEK = set(
+    "alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu "
+    "xi rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi "
+    "Omega".split()
+)
+_MATRICES = {"pmatrix", "bmatrix", "Bmatrix", "matrix", "smallmatrix"}
+_SIGNS = ("+", "-", r"\pm", r"\mp")
+
+
+def parse(text):
+    """Parse a normalised answer into a sympy expression or one of the containers above."""
+    if _WORD.search(_ENV.sub("", text)):
+        raise ParseError("text answer")
+    parser = _Parser(_tokenize(text))
+    value = parser.top()
+    if parser.peek() is not None:
+        raise ParseError(f"unexpected {parser.peek()!r}")
+    _check_finite(value)
+    return value
+
+
+def _tokenize(text):
+    tokens, pos = [], 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise ParseError(f"unexpected character {text[pos]!r}")
+        pos = m.end()
+        if m.lastgroup == "env":
+            tokens.append(("env", re.sub(r"\s", "", m.group())))
+        elif m.lastgroup != "ws":
+            tokens.append((m.lastgroup, m.group()))
+    return tokens
+
+
+def _check_finite(value):
+    """1/0, 0/0 and oo - oo are not answers."""
+    if isinstance(value, sp.Expr) and value.has(sp.zoo, sp.nan):
+        raise ParseError("undefined value")
+    for part in children(value):
+        _check_finite(part)
+
+
+def children(value):
+    """The values a container holds (nothing for a sympy expression)."""
+    if isinstance(value, Seq):
+        return value.items
+    if isinstance(value, SetUnion):
+        return value.parts
+    if isinstance(value, Interval):
+        return (value.lo, value.hi)
+    if isinstance(value, Equation):
+        return (value.lhs, value.rhs)
+    if isinstance(value, Matrix):
+        return tuple(x for row in value.rows for x in row)
+    return ()
+
+
+class _Parser:
+    def __init__(self, tokens):
+        self.tokens, self.i, self.depth, self.bars = tokens, 0, 0, 0
+        self.deadline = time.perf_counter() + PARSE_SECONDS
+
+    # -- token access
+    def peek(self, k=0):
+        j = self.i + k
+        return self.tokens[j][1] if j < len(self.tokens) else None
+
+    def kind(self):
+        return self.tokens[self.i][0] if self.i < len(self.tokens) else None
+
+    def take(self):
+        if self.i >= len(self.tokens):
+            raise ParseError("unexpected end")
+        self.i += 1
+        return self.tokens[self.i - 1][1]
+
+    def expect(self, text):
+        if self.take() != text:
+            raise ParseError(f"expected {text!r}")
+
+    # -- answer level: comma lists, unions, equations
+    def top(self):
+        items = [self.union()]
+        while self.peek() == ",":
+            self.i += 1
+            items.append(self.union())
+        items = _expand_pm(items)
+        return items[0] if len(items) == 1 else Seq(tuple(items), "list")
+
+    def union(self):
+        parts = [self.relation()]
+        while self.peek() == r"\cup":
+            self.i += 1
+            parts.append(self.relation())
+        return parts[0] if len(parts) == 1 else SetUnion(tuple(parts))
+
+    def relation(self):
+        named = self._name_then_equals()
+        lhs = self.expr()
+        if self.peek() != "=":
+            return lhs
+        self.i += 1
+        return Equation(_expr(lhs), self.expr(), named)
+
+    def _name_then_equals(self):
+        """Lookahead: name [_sub] [(names)] '=' -- as in x = 5, a_{1} = 2, f(x) = 2x."""
+        toks = self.tokens
+
+        def at(j):
+            return toks[j][1] if j < len(toks) else None
+
+        j = self.i
+        if at(j) is None or not (toks[j][0] == "name" or at(j)[1:] in _GREEK):
+            return False
+        j += 1
+        if at(j) == "_":
+            j += 1
+            if at(j) == "{":
+                while at(j) not in ("}", None):
+                    j += 1
+            j += 1
+        if at(j) == "(":
+            j += 1
+            while at(j) == "," or (at(j) is not None and toks[j][0] == "name"):
+                j += 1
+            if at(j) != ")":
+                return False
+            j += 1
+        return at(j) == "="
+
+    # -- arithmetic
+    def expr(self):
+        value = self.term()
+        while self.peek() in _SIGNS:
+            sign = _sign(self.take())
+            value = _add(value, _mul(sign, self.term()))
+        return value
+
+    def term(self):
+        value = self.signed()
+        while True:
+            tok = self.peek()
+            if tok in ("*", r"\cdot", r"\times"):
+                self.i += 1
+                value = _mul(value, self.signed())
+            elif tok in ("/", r"\div"):
+                self.i += 1
+                value = _div(value, self.signed())
+            elif self._starts_factor():  # implicit multiplication: 2x, 3\sqrt{2}, (a+1)(b+2)
+                value = _mul(value, self.power())
+            else:
+                return value
+
+    def signed(self):
+        sign = sp.Integer(1)
+        while self.peek() in _SIGNS:  # a loop, not recursion: "------5" cannot blow the stack
+            sign = _mul(sign, _sign(self.take()))
+        value = self.power()
+        return value if sign == 1 else _mul(sign, value)
+
+    def _starts_factor(self):
+        kind, tok = self.kind(), self.peek()
+        if kind in ("num", "name") or tok in ("(", "{"):
+            return True
+        if tok == "|":
+            return self.bars == 0  # inside |...| a bar closes
+        return kind == "cmd" and (
+            tok in _FRAC or tok in _BINOM or tok in _CONSTANTS or tok[1:] in _FUNCS
+            or tok[1:] in _GREEK or tok in (r"\sqrt", r"\lfloor", r"\lceil")
+        )
+
+    def power(self):
+        value = self.postfix(self.atom())
+        while self.peek() == "^":
+            self.i += 1
+            value = self.postfix(_pow(value, self.exponent()))
+        return value
+
+    def postfix(self, value):
+        while self.peek() == "!":
+            self.i += 1
+            value = _factorial(value)
+        return value
+
+    def exponent(self):
+        """x^2, x^{n+1}, x^-1, 2^\\pi: a braced group or one (signed) atom."""
+        sign = sp.Integer(1)
+        while self.peek() in ("+", "-"):
+            sign = _mul(sign, _sign(self.take()))
+        return _mul(sign, self.atom(mixed=False))
+
+    def arg(self):
+        """Argument of \\frac, \\sqrt, \\binom: {group} or one token, so that \\frac12 = 1/2."""
+        tok = self.peek()
+        if self.kind() == "num" and tok.isdigit() and len(tok) > 1:
+            self.tokens[self.i : self.i + 1] = [("num", tok[0]), ("num", tok[1:])]
+        return self.atom(mixed=False)
+
+    # -- atoms
+    def atom(self, mixed=True):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise BoundError("nesting too deep")
+        if time.perf_counter() > self.deadline:
+            raise BoundError("parse time limit")
+        try:
+            return self._atom(mixed)
+        finally:
+            self.depth -= 1
+
+    def _atom(self, mixed):
+        kind, tok = self.kind(), self.take()
+        if kind == "num":
+            return self.number(tok, mixed)
+        if kind == "name" or tok[1:] in _GREEK:
+            return self.name(tok.lstrip("\\"))
+        if kind == "env":
+            return self.matrix(tok)
+        if tok in ("(", "["):
+            return self.bracket(tok)
+        if tok == "{":
+            value = self.expr()
+            self.expect("}")
+            return value
+        if tok == r"\{":
+            return self.set_literal()
+        if tok == "|":
+            self.bars += 1
+            value = self.expr()
+            self.bars -= 1
+            self.expect("|")
+            return _apply(sp.Abs, value)
+        if tok in (r"\lfloor", r"\lceil"):
+            value = self.expr()
+            self.expect(r"\rfloor" if tok == r"\lfloor" else r"\rceil")
+            return _apply(sp.floor if tok == r"\lfloor" else sp.ceiling, value)
+        if tok in _FRAC:
+            return _div(self.arg(), self.arg())
+        if tok in _BINOM:
+            return _binomial(self.arg(), self.arg())
+        if tok == r"\sqrt":
+            return self.sqrt()
+        if tok in _CONSTANTS:
+            return _CONSTANTS[tok]
+        if tok in _EMPTY:
+            return Seq((), "set")
+        if tok[1:] in _FUNCS:
+            return self.function(tok[1:])
+        raise ParseError(f"unsupported {tok!r}")
+
+    def number(self, tok, mixed):
+        if len(tok) > MAX_DIGITS:
+            raise BoundError("number too long")
+        mantissa, _, exp10 = tok.lower().partition("e")
+        value = fractions.Fraction(mantissa.rstrip(".") or "0")
+        if self.peek() == r"\overline" and "." in mantissa:  # 0.1\overline{6} = 1/6
+            self.i += 1
+            repeat = self.take()
+            if repeat == "{":
+                repeat = self.take()
+                self.expect("}")
+            if not repeat.isdigit() or len(repeat) > 50:
+                raise ParseError("bad repeating decimal")
+            whole, _, head = mantissa.partition(".")
+            value = fractions.Fraction(
+                int(whole + head + repeat) - int(whole + head), 10 ** len(head) * (10 ** len(repeat) - 1)
+            )
+        if exp10:
+            if abs(int(exp10)) > MAX_DIGITS:
+                raise BoundError("exponent too large")
+            value *= fractions.Fraction(10) ** int(exp10)
+        number = sp.Rational(value.numerator, value.denominator)
+        fraction = self.mixed_fraction() if mixed and tok.isdigit() else None
+        return number if fraction is None else _add(number, fraction)
+
+    def mixed_fraction(self):
+        """1\\frac{4}{5} is the mixed number 9/5 when both parts are integer literals."""
+        start = self.i
+        if self.peek() not in _FRAC:
+            return None
+        self.i += 1
+        num, den = self.arg(), self.arg()
+        literal = all(t.isdigit() or t in ("{", "}") for _, t in self.tokens[start + 1 : self.i])
+        if literal and num.is_Integer and den.is_Integer:
+            return num / den
+        self.i = start  # an ordinary product such as 2\frac{\pi}{3}
+        return None
+
+    def name(self, letter):
+        if self.peek() == "_":
+            self.i += 1
+            return sp.Symbol(f"{letter}_{self.subscript()}")
+        return {"e": sp.E, "i": sp.I}.get(letter) or sp.Symbol(letter)
+
+    def subscript(self):
+        if self.peek() != "{":
+            return self.take()
+        self.i += 1
+        parts = []
+        while self.peek() != "}":
+            if self.peek() == "{" or len(parts) > 20:
+                raise ParseError("complex subscript")
+            parts.append(self.take())
+        self.i += 1
+        return "".join(parts)
+
+    def bracket(self, open_):
+        """(a) is grouping; (a, b) a tuple or open interval; [a, b], (a, b], [a, b) intervals."""
+        items = [self.expr()]
+        while self.peek() == ",":
+            self.i += 1
+            items.append(self.expr())
+        close = self.take()
+        if close not in (")", "]"):
+            raise ParseError("unclosed bracket")
+        if len(items) == 1:
+            if open_ + close in ("()", "[]"):
+                return items[0]
+            raise ParseError("half-open bracket around one value")
+        if open_ + close == "()":
+            return Seq(tuple(items), "tuple")
+        if len(items) == 2:
+            return Interval(_expr(items[0]), _expr(items[1]), open_ == "(", close == ")")
+        raise ParseError("bracketed list")
+
+    def set_literal(self):
+        items = []
+        while self.peek() != r"\}":
+            if items:
+                self.expect(",")
+            items.append(self.expr())
+        self.i += 1
+        return Seq(tuple(_expand_pm(items)), "set")
+
+    def sqrt(self):
+        if self.peek() == "[":  # \sqrt[3]{x}
+            self.i += 1
+            index = self.expr()
+            self.expect("]")
+            return _pow(self.arg(), _div(sp.Integer(1), index))
+        return _pow(self.arg(), sp.Rational(1, 2))
+
+    def function(self, name):
+        base = power = None
+        if name == "log" and self.peek() == "_":
+            self.i += 1
+            base = self.arg()
+        if self.peek() == "^":
+            self.i += 1
+            power = self.exponent()
+        if power == -1 and name in _INVERSE:
+            name, power = _INVERSE[name], None
+        value = _apply(_FUNCS[name], self.operand())
+        if base is not None:
+            value = _div(value, _apply(sp.log, base))
+        return value if power is None else _pow(value, power)
+
+    def operand(self):
+        """\\sin(x), \\sin 2x, \\log_2 8: a bracket, or a product of plain factors."""
+        if self.peek() == "(":
+            return self.atom()
+        value = self.power()
+        while self.kind() in ("num", "name") or self.peek() in _CONSTANTS:
+            value = _mul(value, self.power())
+        return value
+
+    def matrix(self, env):
+        name = env[len(r"\begin{") : -1]
+        if not env.startswith(r"\begin") or name not in _MATRICES:
+            raise ParseError(f"unsupported environment {env}")
+        end, rows, row = rf"\end{{{name}}}", [], [_expr(self.expr())]
+        while True:
+            tok = self.take()
+            if tok == "&":
+                row.append(_expr(self.expr()))
+                continue
+            if tok not in ("\\\\", end):
+                raise ParseError("bad matrix")
+            rows.append(tuple(row))
+            if tok == end or self.peek() == end:
+                self.i += tok != end
+                break
+            row = [_expr(self.expr())]
+        if len({len(r) for r in rows}) != 1:
+            raise ParseError("ragged matrix")
+        return Matrix(tuple(rows))
+
+
+def _expand_pm(items):
+    """a \\pm b in a list stands for the two items a + b and a - b."""
+    out = []
+    for item in items:
+        rhs = item.rhs if isinstance(item, Equation) else item
+        if not (isinstance(rhs, sp.Expr) and rhs.has(PM)):
+            out.append(item)
+            continue
+        for s in (1, -1):
+            value = _sized(rhs.xreplace({PM: s}))
+            out.append(Equation(item.lhs, value, item.named) if isinstance(item, Equation) else value)
+    return out
+
+
+# -- guarded construction. Exact arithmetic is cheap until numbers get huge, so every result is
+# -- size-checked, and powers are checked before sympy evaluates them.
+
+
+def _expr(value):
+    if not isinstance(value, sp.Expr):
+        raise ParseError("arithmetic on a tuple, set, interval or matrix")
+    return value
+
+
+def _sign(op):
+    return {"+": sp.Integer(1), "-": sp.Integer(-1), r"\pm": PM, r"\mp": -PM}[op]
+
+
+def _sized(value):
+    """Reject exact numbers over MAX_DIGITS digits, and radicands sympy would have to factor."""
+    for a in (value, *value.args) if value.is_Add or value.is_Mul else (value,):
+        if a.is_Rational and _digits(a) > MAX_DIGITS:
+            raise BoundError("number too large")
+        if a.is_Pow and a.base.is_Rational and not a.exp.is_Integer and _digits(a.base) > 2 * MAX_ROOT_DIGITS:
+            raise BoundError("radicand too large")
+    return value
+
+
+def _digits(q):
+    """Decimal digits of a rational's numerator plus its denominator."""
+    return math.log10(abs(q.p) or 1) + math.log10(q.q)
+
+
+def _add(a, b):
+    return _sized(_expr(a) + _expr(b))
+
+
+def _mul(a, b):
+    return _sized(_expr(a) * _expr(b))
+
+
+def _div(a, b):
+    if _expr(b) == 0:
+        raise ParseError("division by zero")
+    return _sized(_expr(a) / b)
+
+
+def _pow(base, exp):
+    base, exp = _expr(base), _expr(exp)
+    if exp.is_number and base not in (0, 1, -1):
+        size = exp if exp.is_Rational else numeric(exp)
+        if size is None or abs(size) > MAX_EXPONENT:
+            raise BoundError("exponent too large")
+        if _magnitude(base) * float(abs(size)) > MAX_DIGITS:
+            raise BoundError("power too large")
+        if base.is_Rational and not exp.is_Integer and _digits(base) > MAX_ROOT_DIGITS:
+            raise BoundError("radicand too large")
+    return _sized(sp.Pow(base, exp))
+
+
+def _magnitude(x):
+    """Rough decimal digits of x's exact coefficient plus its order of magnitude; sympy
+    multiplies out (2x)^n and \\sqrt{2}^n, so both matter when raising x to a power."""
+    coeff = x if x.is_Rational else x.as_coeff_Mul()[0]
+    digits = _digits(coeff) if coeff.is_Rational else 0.0
+    if x.is_number and not x.is_Rational:
+        v = numeric(x)
+        if v is None:
+            raise BoundError("cannot size base")
+        digits += abs(float(mpmath.log10(abs(v)))) if v != 0 else 0.0
+    return digits
+
+
+def _apply(func, arg):
+    """Functions evaluate only on exact rationals; otherwise sympy's evaluation may need
+    arbitrary-precision numerics (floor(10^999 pi)), so they stay symbolic."""
+    return _sized(func(_expr(arg), evaluate=bool(arg.is_Rational)))
+
+
+def _factorial(n):
+    n = _expr(n)
+    if n.is_Integer:
+        if n < 0:
+            raise ParseError("factorial of a negative integer")
+        if n > MAX_FACTORIAL:
+            raise BoundError("factorial too large")
+    return sp.factorial(n, evaluate=bool(n.is_Integer))
+
+
+def _binomial(n, k):
+    n, k = _expr(n), _expr(k)
+    exact = n.is_Integer and k.is_Integer
+    if exact and min(k, n - k) * math.log10(max(abs(int(n)), 2)) > MAX_DIGITS:
+        raise BoundError("binomial too large")
+    return sp.binomial(n, k, evaluate=bool(exact))
+
+
+# -- numeric evaluation with mpmath, under guards that keep every step cheap: sympy's evalf can
+# -- spend minutes on exp(exp(exp(10))), so we walk the tree ourselves.
+
+_MP = mpmath.MPContext()
+_MP.prec = 96  # about 29 significant digits; the comparison tolerances are far looser
+
+
+class _Undefined(ArithmeticError):
+    pass
+
+
+_MP_FUNCS = {
+    sp.sin: _MP.sin, sp.cos: _MP.cos, sp.tan: _MP.tan, sp.cot: _MP.cot, sp.sec: _MP.sec,
+    sp.csc: _MP.csc, sp.asin: _MP.asin, sp.acos: _MP.acos, sp.atan: _MP.atan, sp.sinh: _MP.sinh,
+    sp.cosh: _MP.cosh, sp.tanh: _MP.tanh, sp.exp: _MP.exp, sp.log: _MP.log, sp.Abs: abs,
+    sp.floor: _MP.floor, sp.ceiling: _MP.ceil,
+    sp.factorial: lambda z: _MP.gamma(z + 1), sp.binomial: _MP.binomial,
+}
+_SAFE_FOR_HUGE = {sp.log, sp.Abs, sp.floor, sp.ceiling}  # no argument reduction or growth
+
+
+def numeric(expr, env=None):
+    """Value of a sympy expression as an mpmath number (symbols taken from env), or None when it
+    is undefined there, overflows, or uses something we do not evaluate (oo)."""
+    try:
+        return _ev(expr, {k: _MP.mpf(v) for k, v in (env or {}).items()})
+    except (ArithmeticError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _ev(e, env):
+    if e.is_Rational:
+        v = _MP.mpf(e.p) / e.q
+    elif e.is_Symbol:
+        v = env[e]
+    elif e is sp.pi:
+        v = _MP.pi
+    elif e is sp.E:
+        v = _MP.e
+    elif e is sp.I:
+        v = _MP.mpc(0, 1)
+    elif e.is_Add:
+        v = _MP.fsum(_ev(a, env) for a in e.args)
+    elif e.is_Mul:
+        v = _MP.fprod(_ev(a, env) for a in e.args)
+    elif e.is_Pow:
+        v = _power(_ev(e.base, env), _ev(e.exp, env))
+    elif e.func in _MP_FUNCS:
+        args = [_ev(a, env) for a in e.args]
+        if e.func not in _SAFE_FOR_HUGE and any(abs(a) > 1e6 for a in args):
+            raise _Undefined("argument too large")
+        v = _MP_FUNCS[e.func](*args)
+    else:
+        raise _Undefined(f"cannot evaluate {e.func}")
+    if not _MP.isfinite(v) or (v != 0 and _MP.mag(v) > MAX_LOG):
+        raise _Undefined("overflow")
+    return v
+
+
+def _power(b, x):
+    if b == 0:
+        if _MP.re(x) > 0:
+            return _MP.zero
+        raise _Undefined("0 to a non-positive power")
+    if abs(x) * (abs(_MP.log(abs(b))) + 1) > MAX_LOG:
+        raise _Undefined("power too large")
+    return b**x
