@@ -87,6 +87,7 @@ class AlgoConfig:
     overlong_buffer: int | None = None  # DAPO soft overlong punishment over the last N tokens; -1 = max_new_tokens // 4
     overlong_penalty: float = 1.0
     kl_coef: float = 0.0              # k3 KL to the initial policy; 0 = no reference model
+    entropy_coef: float = 0.0         # entropy bonus (the authors' runs use 0.001); 0 = off
 
     def resolved(self) -> "AlgoConfig":
         """A copy with every unset key taken from the preset."""
@@ -189,6 +190,11 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)

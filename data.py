@@ -195,8 +195,14 @@ def register_benchmark(name: str, loader: FileBenchmark | LoaderFn) -> None:
 
 
 # --- benchmarks built in code rather than read from a file are registered here --------------
-# "tiny": the held-out split of tiny.py's procedural task, e.g.
-#   register_benchmark("tiny", lambda data_dir, limit: [...])
+
+def _tiny_heldout(data_dir, limit: int | None) -> list[Problem]:
+    """The held-out split of tiny.py's procedural task at its default difficulty (configs/tiny.yaml)."""
+    import tiny
+    return [Problem(p.id, p.question, p.answer) for p in tiny.make_split(tiny.TaskConfig(), limit or 200, "heldout")]
+
+
+register_benchmark("tiny", _tiny_heldout)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ def select_clips(correct: torch.Tensor, group: torch.Tensor, response_mask: torc
     all_success = g_all[g]                                                        # [B]
 
     step_h = step_reduce(entropies, sids, cfg.reduce)                            # [B, S], -inf = no step
-    n_steps = sids.max(-1).values + 1                                             # [B]
-    peak_h, peak_k = step_h.max(-1)                                               # earliest on ties
+    n_steps = sids.amax(-1) + 1                                                   # [B]
+    peak_h, peak_k = step_h.amax(-1), step_h.argmax(-1)                           # earliest on ties
     if cfg.select == "peak":
         k = peak_k
     elif cfg.select == "lowest_entropy":
@@ -98,8 +98,9 @@ def _stats(clip, chosen, valid, all_success, g, n_groups, k, n_steps, step_h, en
         0, g[all_success], True)
     groups_with_clip = torch.zeros(n_groups, dtype=torch.bool, device=clip.device).index_fill(0, g[chosen], True)
     n_deg = int(degenerate_groups.sum())
-    out = {"echo/n_clips": float(n), "echo/success_groups": float(n_deg),
-           "echo/clip_group_share": float((groups_with_clip & degenerate_groups).sum()) / n_deg if n_deg else 0.0}
+    out = {"echo/n_clips": float(n), "echo/success_groups": float(n_deg)}
+    if n_deg:  # undefined without all-success groups: the key is left out
+        out["echo/clip_group_share"] = float((groups_with_clip & degenerate_groups).sum()) / n_deg
     if n:
         c, vf = clip[chosen].float(), valid[chosen].float()
         kk, ns = k[chosen].float(), n_steps[chosen].float()

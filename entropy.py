@@ -2,46 +2,80 @@
 
 The logits tensor [B, T, V] dominates memory (V = 151,936 for Qwen2.5: an fp32 [8, 4096, V]
 is 20 GB). So we never build it: the model returns hidden states, and the LM head plus
-log-softmax run over chunks of tokens. Under autograd each chunk is recomputed in the
-backward pass (activation checkpointing), so only one chunk of logits is alive at a time.
+log-softmax run over chunks of tokens. Under autograd a custom backward recomputes each chunk's
+logits and adds its gradient into ONE [V, H] buffer for the LM head (as fused linear
+cross-entropy kernels do), so only one chunk of logits is ever alive.
 """
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
-                 with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """h [N, H], weight [V, H], targets [N] -> log p(target) [N], entropy [N] (fp32)."""
-    logits = (h @ weight.T).float() / temperature                                 # [N, V]
-    logp = torch.log_softmax(logits, dim=-1)
-    tok_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
-    if not with_entropy:
-        return tok_logp, torch.zeros_like(tok_logp)
-    ent = -(logp.exp() * logp).sum(-1)                                            # H = -sum p log p
-    return tok_logp, ent
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[N, H] x [V, H] -> fp32 logits [N, V] of the temperature-scaled distribution."""
+    logits = (h @ weight.to(h.dtype).T).float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+class _ChunkedLogprobEntropy(torch.autograd.Function):
+    """(log p(target) [N], entropy [N]) from hidden [N, H] and LM head [V, H], chunk by chunk.
+
+    With z the scaled logits, p = softmax(z) and H = -sum p log p:
+      d logp_n / dz = onehot(y_n) - p,     dH / dz = -p * (log p + H);     dz / dlogits = 1 / T.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, temperature, chunk_size, with_entropy):
+        N = h.shape[0]
+        lp = torch.empty(N, device=h.device, dtype=torch.float32)
+        ent = torch.zeros(N, device=h.device, dtype=torch.float32)
+        for s in range(0, N, chunk_size):
+            logp = torch.log_softmax(_chunk_logits(h[s:s + chunk_size], weight, temperature), dim=-1)
+            lp[s:s + chunk_size] = logp.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)
+            if with_entropy:
+                ent[s:s + chunk_size] = -(logp.exp() * logp).sum(-1)
+        ctx.save_for_backward(h, weight, targets, ent)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        h, weight, targets, ent = ctx.saved_tensors
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        w32 = weight.float()
+        for s in range(0, h.shape[0], ctx.chunk_size):
+            sl = slice(s, s + ctx.chunk_size)
+            hc = h[sl]
+            logp = torch.log_softmax(_chunk_logits(hc, weight, ctx.temperature), dim=-1)     # [n, V]
+            p = logp.exp()
+            g_lp = grad_lp[sl].float()[:, None]
+            d = -p * g_lp                                                                # (onehot - p) g_lp
+            d.scatter_add_(-1, targets[sl, None], g_lp)
+            if grad_ent is not None and bool((grad_ent[sl] != 0).any()):
+                d -= p * (logp + ent[sl, None]) * grad_ent[sl].float()[:, None]
+            d.div_(ctx.temperature)
+            if grad_h is not None:
+                grad_h[sl] = (d @ w32).to(h.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(d.T, hc.float())
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None
 
 
 def token_logprobs_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, *,
                            temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = True
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked log p(target) and full-vocabulary entropy.
+    """Chunked log p(target) and full-vocabulary entropy (both differentiable).
 
     hidden [B, T, H] (the state that predicts token t), targets [B, T] -> ([B, T], [B, T]) fp32.
     Equal to the naive `log_softmax(hidden @ W.T)` up to float rounding, at O(chunk * V) memory.
+    The entropy is zeros when `with_entropy` is False.
     """
     B, T, H = hidden.shape
     assert targets.shape == (B, T), (targets.shape, hidden.shape)
-    h, y = hidden.reshape(B * T, H), targets.reshape(B * T)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
-    lps, ents = [], []
-    for s in range(0, B * T, chunk_size):
-        args = (h[s:s + chunk_size], lm_head_weight, y[s:s + chunk_size], temperature, with_entropy)
-        lp, ent = checkpoint(_chunk_stats, *args, use_reentrant=False) if grad else _chunk_stats(*args)
-        lps.append(lp)
-        ents.append(ent)
-    return torch.cat(lps).view(B, T), torch.cat(ents).view(B, T)
+    lp, ent = _ChunkedLogprobEntropy.apply(hidden.reshape(B * T, H), lm_head_weight, targets.reshape(B * T),
+                                           float(temperature), int(chunk_size), bool(with_entropy))
+    return lp.view(B, T), ent.view(B, T)
 
 
 def response_logprobs(model, batch, *, temperature: float = 1.0, chunk_size: int = 1024,
@@ -120,7 +154,7 @@ def step_reduce(values: torch.Tensor, sids: torch.Tensor, reduce: str = "mean") 
     if reduce not in ("mean", "max", "sum"):
         raise ValueError(f"unknown step reduction {reduce!r}; allowed: 'mean', 'max', 'sum'")
     B = values.shape[0]
-    S = int(sids.max().item()) + 1 if sids.numel() and sids.max() >= 0 else 1
+    S = max(int(sids.amax()) + 1, 1) if sids.numel() else 1
     valid = sids >= 0
     idx = sids.clamp_min(0)
     count = torch.zeros(B, S, device=values.device).scatter_add_(1, idx, valid.float())

@@ -233,14 +233,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(path_or_id: str, dtype: str = "bfloat16", device: str = "auto"):
-    """(model, tokenizer) from a local HF folder or a hub id, in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(path_or_id: str, dtype: str = "bfloat16", device: str = "auto", attn_implementation: str = "sdpa"):
+    """(model, tokenizer) from a local HF folder or a hub id, in eval mode on `device`.
+    The tokenizer gets a pad token if it has none (many base checkpoints ship without one)."""
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-    if tokenizer.pad_token is None:  # many base checkpoints ship without one; batching needs it
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=getattr(torch, dtype))
+    tokenizer = rollout.load_tokenizer(path_or_id)
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=getattr(torch, dtype),
+                                                 attn_implementation=attn_implementation)
     return model.to(resolve_device(device)).eval(), tokenizer
 
 

@@ -1,19 +1,28 @@
 """Safe LaTeX -> sympy parser for final answers (the front end of reward.py).
 
 Model text never reaches eval, exec or any of sympy's string parsers: a regex tokenizer and a
-recursive-descent parser build sympy objects from a whitelist of operations. All work is
-bounded: nesting depth, the size of exact numbers, numeric exponents, and a wall-clock deadline
-checked at every atom. Breaking a bound raises BoundError; text that is not a math answer we
-understand raises ParseError (the caller then compares it as text).
+recursive-descent parser build sympy objects from a whitelist of operations.
 
-Tuples, intervals, unordered lists, equations and matrices get small containers below rather
-than sympy's Interval/FiniteSet/Union, which evaluate eagerly (merging, sorting, numeric
-comparisons) and cannot express that "(1, 2)" may be a point or an open interval.
+sympy is used as a passive tree. Only exact rational arithmetic is carried out (2^{10} becomes
+1024, \\frac{6}{8} becomes 3/4); everything else is built with evaluate=False. sympy's automatic
+simplification asks questions such as "is this number positive?", which it answers by running
+evalf at whatever precision it takes, and that can run for minutes on inputs like
+\\tan e^{(i+\\pi)!}. Values are instead computed by numeric() below, a small mpmath evaluator
+whose every step is guarded.
+
+Work is bounded: nesting depth, the size of exact numbers, numeric exponents, and a wall-clock
+deadline checked at every atom. Breaking a bound raises BoundError; text that is not a math
+answer we understand raises ParseError (the caller then compares it as text).
+
+Tuples, intervals, unordered lists, equations and matrices get small containers rather than
+sympy's Interval/FiniteSet/Union, which evaluate eagerly (merging, sorting, comparing) and
+cannot say that "(1, 2)" may be a point or an open interval.
 """
 
 import fractions
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass
 
@@ -23,12 +32,10 @@ import sympy as sp
 MAX_DEPTH = 40  # nesting of brackets, braces, functions and exponents
 MAX_DIGITS = 1000  # largest exact number, in decimal digits (100! has 158, 2^1009 has 304)
 MAX_EXPONENT = 10_000  # largest |numeric exponent|
-MAX_ROOT_DIGITS = 100  # sympy factors the radicand of a root: keep it small
 MAX_FACTORIAL = 450  # 450! has about 1000 digits
-MAX_LOG = 1e5  # numeric evaluation: |ln value| beyond this counts as overflow
+MAX_ARGUMENT = 1e6  # numeric evaluation: largest |argument| of sin, exp, gamma, ...
+MAX_LOG2 = 1e5  # numeric evaluation: |log2 value| beyond this counts as overflow
 PARSE_SECONDS = 0.5
-
-PM = sp.Dummy("pm")  # stands for the sign in "a \pm b" until the list is expanded
 
 
 class ParseError(ValueError):
@@ -70,6 +77,21 @@ class Matrix:
     rows: tuple
 
 
+def children(value):
+    """The values a container holds (nothing for a sympy expression)."""
+    if isinstance(value, Seq):
+        return value.items
+    if isinstance(value, SetUnion):
+        return value.parts
+    if isinstance(value, Interval):
+        return (value.lo, value.hi)
+    if isinstance(value, Equation):
+        return (value.lhs, value.rhs)
+    if isinstance(value, Matrix):
+        return tuple(x for row in value.rows for x in row)
+    return ()
+
+
 _TOKEN = re.compile(
     r"""
     (?P<ws>\s+|\\[,;:!\ ]|~|\\q?quad(?![a-zA-Z])|\\displaystyle(?![a-zA-Z])
@@ -102,6 +124,8 @@ _GREEK = set(
 )
 _MATRICES = {"pmatrix", "bmatrix", "Bmatrix", "matrix", "smallmatrix"}
 _SIGNS = ("+", "-", r"\pm", r"\mp")
+# the token texts that follow the 1 of a mixed number 1\frac{4}{5} or 1\frac45
+_MIXED = re.compile(r"\\[dtc]?frac (?:\{ \d+ \} |\d )(?:\{ \d+ \} |\d )|\\[dtc]?frac \d\d ")
 
 
 def parse(text):
@@ -109,11 +133,10 @@ def parse(text):
     if _WORD.search(_ENV.sub("", text)):
         raise ParseError("text answer")
     parser = _Parser(_tokenize(text))
-    value = parser.top()
+    items = parser.listed(parser.relation)
     if parser.peek() is not None:
         raise ParseError(f"unexpected {parser.peek()!r}")
-    _check_finite(value)
-    return value
+    return items[0] if len(items) == 1 else Seq(tuple(items), "list")
 
 
 def _tokenize(text):
@@ -130,38 +153,14 @@ def _tokenize(text):
     return tokens
 
 
-def _check_finite(value):
-    """1/0, 0/0 and oo - oo are not answers."""
-    if isinstance(value, sp.Expr) and value.has(sp.zoo, sp.nan):
-        raise ParseError("undefined value")
-    for part in children(value):
-        _check_finite(part)
-
-
-def children(value):
-    """The values a container holds (nothing for a sympy expression)."""
-    if isinstance(value, Seq):
-        return value.items
-    if isinstance(value, SetUnion):
-        return value.parts
-    if isinstance(value, Interval):
-        return (value.lo, value.hi)
-    if isinstance(value, Equation):
-        return (value.lhs, value.rhs)
-    if isinstance(value, Matrix):
-        return tuple(x for row in value.rows for x in row)
-    return ()
-
-
 class _Parser:
     def __init__(self, tokens):
         self.tokens, self.i, self.depth, self.bars = tokens, 0, 0, 0
+        self.pm, self.saw_pm = 1, False  # the sign \pm stands for in this pass, see listed()
         self.deadline = time.perf_counter() + PARSE_SECONDS
 
-    # -- token access
-    def peek(self, k=0):
-        j = self.i + k
-        return self.tokens[j][1] if j < len(self.tokens) else None
+    def peek(self):
+        return self.tokens[self.i][1] if self.i < len(self.tokens) else None
 
     def kind(self):
         return self.tokens[self.i][0] if self.i < len(self.tokens) else None
@@ -176,29 +175,32 @@ class _Parser:
         if self.take() != text:
             raise ParseError(f"expected {text!r}")
 
-    # -- answer level: comma lists, unions, equations
-    def top(self):
-        items = [self.union()]
+    # -- answer level: comma lists, equations, unions
+    def listed(self, parse_item):
+        """Comma-separated items; an item with \\pm is parsed twice and stands for two values."""
+        items = self.with_pm(parse_item)
         while self.peek() == ",":
             self.i += 1
-            items.append(self.union())
-        items = _expand_pm(items)
-        return items[0] if len(items) == 1 else Seq(tuple(items), "list")
+            items += self.with_pm(parse_item)
+        return items
 
-    def union(self):
-        parts = [self.relation()]
-        while self.peek() == r"\cup":
-            self.i += 1
-            parts.append(self.relation())
-        return parts[0] if len(parts) == 1 else SetUnion(tuple(parts))
+    def with_pm(self, parse_item):
+        outer, start = (self.pm, self.saw_pm), self.i
+        self.pm, self.saw_pm = 1, False
+        items = [parse_item()]
+        if self.saw_pm:
+            self.i, self.pm = start, -1
+            items.append(parse_item())
+        self.pm, self.saw_pm = outer
+        return items
 
     def relation(self):
         named = self._name_then_equals()
-        lhs = self.expr()
+        lhs = self.union()
         if self.peek() != "=":
             return lhs
         self.i += 1
-        return Equation(_expr(lhs), self.expr(), named)
+        return Equation(_expr(lhs), self.union(), named)
 
     def _name_then_equals(self):
         """Lookahead: name [_sub] [(names)] '=' -- as in x = 5, a_{1} = 2, f(x) = 2x."""
@@ -226,11 +228,24 @@ class _Parser:
             j += 1
         return at(j) == "="
 
+    def union(self):
+        parts = [self.expr()]
+        while self.peek() == r"\cup":
+            self.i += 1
+            parts.append(self.expr())
+        return parts[0] if len(parts) == 1 else SetUnion(tuple(parts))
+
     # -- arithmetic
+    def sign(self, op):
+        if op in (r"\pm", r"\mp"):
+            self.saw_pm = True
+            return sp.Integer(self.pm if op == r"\pm" else -self.pm)
+        return sp.Integer(-1 if op == "-" else 1)
+
     def expr(self):
         value = self.term()
         while self.peek() in _SIGNS:
-            sign = _sign(self.take())
+            sign = self.sign(self.take())
             value = _add(value, _mul(sign, self.term()))
         return value
 
@@ -252,7 +267,7 @@ class _Parser:
     def signed(self):
         sign = sp.Integer(1)
         while self.peek() in _SIGNS:  # a loop, not recursion: "------5" cannot blow the stack
-            sign = _mul(sign, _sign(self.take()))
+            sign *= self.sign(self.take())
         value = self.power()
         return value if sign == 1 else _mul(sign, value)
 
@@ -284,7 +299,7 @@ class _Parser:
         """x^2, x^{n+1}, x^-1, 2^\\pi: a braced group or one (signed) atom."""
         sign = sp.Integer(1)
         while self.peek() in ("+", "-"):
-            sign = _mul(sign, _sign(self.take()))
+            sign *= self.sign(self.take())
         return _mul(sign, self.atom(mixed=False))
 
     def arg(self):
@@ -321,7 +336,9 @@ class _Parser:
             self.expect("}")
             return value
         if tok == r"\{":
-            return self.set_literal()
+            items = self.listed(self.expr) if self.peek() != r"\}" else []
+            self.expect(r"\}")
+            return Seq(tuple(items), "set")
         if tok == "|":
             self.bars += 1
             value = self.expr()
@@ -369,20 +386,16 @@ class _Parser:
             value *= fractions.Fraction(10) ** int(exp10)
         number = sp.Rational(value.numerator, value.denominator)
         fraction = self.mixed_fraction() if mixed and tok.isdigit() else None
-        return number if fraction is None else _add(number, fraction)
+        return number if fraction is None else number + fraction
 
     def mixed_fraction(self):
-        """1\\frac{4}{5} is the mixed number 9/5 when both parts are integer literals."""
-        start = self.i
-        if self.peek() not in _FRAC:
+        """1\\frac{4}{5} is the mixed number 9/5 when both parts are integer literals; a lexical
+        check, so that 2\\frac{\\pi}{3} is left to implicit multiplication without re-parsing."""
+        ahead = " ".join(t for _, t in self.tokens[self.i : self.i + 7]) + " "
+        if not _MIXED.match(ahead):
             return None
         self.i += 1
-        num, den = self.arg(), self.arg()
-        literal = all(t.isdigit() or t in ("{", "}") for _, t in self.tokens[start + 1 : self.i])
-        if literal and num.is_Integer and den.is_Integer:
-            return num / den
-        self.i = start  # an ordinary product such as 2\frac{\pi}{3}
-        return None
+        return _div(self.arg(), self.arg())
 
     def name(self, letter):
         if self.peek() == "_":
@@ -404,7 +417,7 @@ class _Parser:
 
     def bracket(self, open_):
         """(a) is grouping; (a, b) a tuple or open interval; [a, b], (a, b], [a, b) intervals."""
-        items = [self.expr()]
+        items = [self.expr()]  # a \pm in a tuple makes two tuples, see with_pm()
         while self.peek() == ",":
             self.i += 1
             items.append(self.expr())
@@ -420,15 +433,6 @@ class _Parser:
         if len(items) == 2:
             return Interval(_expr(items[0]), _expr(items[1]), open_ == "(", close == ")")
         raise ParseError("bracketed list")
-
-    def set_literal(self):
-        items = []
-        while self.peek() != r"\}":
-            if items:
-                self.expect(",")
-            items.append(self.expr())
-        self.i += 1
-        return Seq(tuple(_expand_pm(items)), "set")
 
     def sqrt(self):
         if self.peek() == "[":  # \sqrt[3]{x}
@@ -448,7 +452,8 @@ class _Parser:
             power = self.exponent()
         if power == -1 and name in _INVERSE:
             name, power = _INVERSE[name], None
-        value = _apply(_FUNCS[name], self.operand())
+        arg = self.operand()
+        value = _pow(sp.E, arg) if name == "exp" else _apply(_FUNCS[name], arg)
         if base is not None:
             value = _div(value, _apply(sp.log, base))
         return value if power is None else _pow(value, power)
@@ -475,8 +480,10 @@ class _Parser:
             if tok not in ("\\\\", end):
                 raise ParseError("bad matrix")
             rows.append(tuple(row))
-            if tok == end or self.peek() == end:
-                self.i += tok != end
+            if tok == end:
+                break
+            if self.peek() == end:  # a trailing \\ before \end
+                self.i += 1
                 break
             row = [_expr(self.expr())]
         if len({len(r) for r in rows}) != 1:
@@ -484,42 +491,72 @@ class _Parser:
         return Matrix(tuple(rows))
 
 
-def _expand_pm(items):
-    """a \\pm b in a list stands for the two items a + b and a - b."""
-    out = []
-    for item in items:
-        rhs = item.rhs if isinstance(item, Equation) else item
-        if not (isinstance(rhs, sp.Expr) and rhs.has(PM)):
-            out.append(item)
-            continue
-        for s in (1, -1):
-            value = _sized(rhs.xreplace({PM: s}))
-            out.append(Equation(item.lhs, value, item.named) if isinstance(item, Equation) else value)
-    return out
-
-
-# -- guarded construction. Exact arithmetic is cheap until numbers get huge, so every result is
-# -- size-checked, and powers are checked before sympy evaluates them.
+# -- construction: exact arithmetic on rationals (size-checked), unevaluated nodes otherwise
 
 
 def _expr(value):
     if not isinstance(value, sp.Expr):
-        raise ParseError("arithmetic on a tuple, set, interval or matrix")
+        raise ParseError("expected a number or expression, not a tuple, set, interval or matrix")
     return value
 
 
-def _sign(op):
-    return {"+": sp.Integer(1), "-": sp.Integer(-1), r"\pm": PM, r"\mp": -PM}[op]
-
-
-def _sized(value):
-    """Reject exact numbers over MAX_DIGITS digits, and radicands sympy would have to factor."""
-    for a in (value, *value.args) if value.is_Add or value.is_Mul else (value,):
-        if a.is_Rational and _digits(a) > MAX_DIGITS:
-            raise BoundError("number too large")
-        if a.is_Pow and a.base.is_Rational and not a.exp.is_Integer and _digits(a.base) > 2 * MAX_ROOT_DIGITS:
-            raise BoundError("radicand too large")
+def _finite(value):
+    if _expr(value) in (sp.oo, -sp.oo):
+        raise ParseError("arithmetic with infinity")  # it is an answer or an interval end
     return value
+
+
+_MAX_RATIONAL = 10**MAX_DIGITS
+
+
+def _rational(value):
+    if max(abs(value.p), value.q) > _MAX_RATIONAL:
+        raise BoundError("number too large")
+    return value
+
+
+def _node(cls, a, b):
+    """Unevaluated a + b or a * b, flattened so that long sums stay shallow trees."""
+    return cls(*(a.args if type(a) is cls else (a,)), *(b.args if type(b) is cls else (b,)), evaluate=False)
+
+
+def _add(a, b):
+    if _finite(a).is_Rational and _finite(b).is_Rational:
+        return _rational(a + b)
+    return _node(sp.Add, a, b)
+
+
+def _mul(a, b):
+    if a == 1:  # the sign of a term; keeps trees free of 1*x
+        return b
+    if a == -1 and b in (sp.oo, -sp.oo):  # -\infty
+        return a * b
+    if _finite(a).is_Rational and _finite(b).is_Rational:
+        return _rational(a * b)
+    return _node(sp.Mul, a, b)
+
+
+def _div(a, b):
+    if _finite(b) == 0:
+        raise ParseError("division by zero")
+    if _finite(a).is_Rational and b.is_Rational:
+        return _rational(a / b)
+    return _node(sp.Mul, a, sp.Pow(b, -1, evaluate=False))
+
+
+def _pow(base, exp):
+    base, exp = _finite(base), _finite(exp)
+    if exp.is_number and base not in (0, 1, -1):
+        size = exp if exp.is_Rational else numeric(exp)
+        if size is None or abs(size) > MAX_EXPONENT:
+            raise BoundError("exponent too large")
+    if base.is_Rational and exp.is_Integer:
+        if base == 0 and exp < 0:
+            raise ParseError("division by zero")
+        if _digits(base) * abs(int(exp)) > MAX_DIGITS:  # checked before the power is computed
+            raise BoundError("power too large")
+        return _rational(base**exp)
+    return sp.Pow(base, exp, evaluate=False)
 
 
 def _digits(q):
@@ -527,134 +564,104 @@ def _digits(q):
     return math.log10(abs(q.p) or 1) + math.log10(q.q)
 
 
-def _add(a, b):
-    return _sized(_expr(a) + _expr(b))
-
-
-def _mul(a, b):
-    return _sized(_expr(a) * _expr(b))
-
-
-def _div(a, b):
-    if _expr(b) == 0:
-        raise ParseError("division by zero")
-    return _sized(_expr(a) / b)
-
-
-def _pow(base, exp):
-    base, exp = _expr(base), _expr(exp)
-    if exp.is_number and base not in (0, 1, -1):
-        size = exp if exp.is_Rational else numeric(exp)
-        if size is None or abs(size) > MAX_EXPONENT:
-            raise BoundError("exponent too large")
-        if _magnitude(base) * float(abs(size)) > MAX_DIGITS:
-            raise BoundError("power too large")
-        if base.is_Rational and not exp.is_Integer and _digits(base) > MAX_ROOT_DIGITS:
-            raise BoundError("radicand too large")
-    return _sized(sp.Pow(base, exp))
-
-
-def _magnitude(x):
-    """Rough decimal digits of x's exact coefficient plus its order of magnitude; sympy
-    multiplies out (2x)^n and \\sqrt{2}^n, so both matter when raising x to a power."""
-    coeff = x if x.is_Rational else x.as_coeff_Mul()[0]
-    digits = _digits(coeff) if coeff.is_Rational else 0.0
-    if x.is_number and not x.is_Rational:
-        v = numeric(x)
-        if v is None:
-            raise BoundError("cannot size base")
-        digits += abs(float(mpmath.log10(abs(v)))) if v != 0 else 0.0
-    return digits
-
-
 def _apply(func, arg):
-    """Functions evaluate only on exact rationals; otherwise sympy's evaluation may need
-    arbitrary-precision numerics (floor(10^999 pi)), so they stay symbolic."""
-    return _sized(func(_expr(arg), evaluate=bool(arg.is_Rational)))
+    """Functions evaluate on exact rationals only (sin 0 = 0, floor(7/2) = 3)."""
+    if not _finite(arg).is_Rational:
+        return func(arg, evaluate=False)
+    value = func(arg)
+    if value.has(sp.zoo, sp.nan):  # log 0, cot 0
+        raise ParseError("undefined value")
+    return value
 
 
 def _factorial(n):
-    n = _expr(n)
-    if n.is_Integer:
+    if _finite(n).is_Integer:
         if n < 0:
             raise ParseError("factorial of a negative integer")
         if n > MAX_FACTORIAL:
             raise BoundError("factorial too large")
-    return sp.factorial(n, evaluate=bool(n.is_Integer))
+        return sp.factorial(n)
+    return sp.factorial(n, evaluate=False)
 
 
 def _binomial(n, k):
-    n, k = _expr(n), _expr(k)
-    exact = n.is_Integer and k.is_Integer
-    if exact and min(k, n - k) * math.log10(max(abs(int(n)), 2)) > MAX_DIGITS:
-        raise BoundError("binomial too large")
-    return sp.binomial(n, k, evaluate=bool(exact))
+    if _finite(n).is_Integer and _finite(k).is_Integer:
+        if min(k, n - k) * math.log10(max(abs(int(n)), 2)) > MAX_DIGITS:
+            raise BoundError("binomial too large")
+        return sp.binomial(n, k)
+    return sp.binomial(n, k, evaluate=False)
 
 
-# -- numeric evaluation with mpmath, under guards that keep every step cheap: sympy's evalf can
-# -- spend minutes on exp(exp(exp(10))), so we walk the tree ourselves.
+# -- numeric evaluation with mpmath, every step guarded (sympy's evalf can spend minutes on
+# -- exp(exp(exp(10))) or on the sign of sin(10^999))
 
-_MP = mpmath.MPContext()
-_MP.prec = 96  # about 29 significant digits; the comparison tolerances are far looser
+_MP_FUNCS = {
+    sp.sin: "sin", sp.cos: "cos", sp.tan: "tan", sp.cot: "cot", sp.sec: "sec", sp.csc: "csc",
+    sp.asin: "asin", sp.acos: "acos", sp.atan: "atan", sp.sinh: "sinh", sp.cosh: "cosh",
+    sp.tanh: "tanh", sp.exp: "exp", sp.log: "log", sp.Abs: "fabs", sp.floor: "floor",
+    sp.ceiling: "ceil", sp.factorial: "factorial", sp.binomial: "binomial",
+}
+_SAFE_FOR_HUGE = {sp.log, sp.Abs, sp.floor, sp.ceiling}  # no argument reduction or growth
+_LOCAL = threading.local()
+
+
+def _context():
+    """One mpmath context per thread: mpmath functions raise and restore the working precision
+    of their context, which threads sharing one context would leave permanently raised."""
+    if not hasattr(_LOCAL, "mp"):
+        _LOCAL.mp = mpmath.MPContext()
+        _LOCAL.mp.prec = 96  # about 29 significant digits; the comparison tolerances are far looser
+    return _LOCAL.mp
 
 
 class _Undefined(ArithmeticError):
     pass
 
 
-_MP_FUNCS = {
-    sp.sin: _MP.sin, sp.cos: _MP.cos, sp.tan: _MP.tan, sp.cot: _MP.cot, sp.sec: _MP.sec,
-    sp.csc: _MP.csc, sp.asin: _MP.asin, sp.acos: _MP.acos, sp.atan: _MP.atan, sp.sinh: _MP.sinh,
-    sp.cosh: _MP.cosh, sp.tanh: _MP.tanh, sp.exp: _MP.exp, sp.log: _MP.log, sp.Abs: abs,
-    sp.floor: _MP.floor, sp.ceiling: _MP.ceil,
-    sp.factorial: lambda z: _MP.gamma(z + 1), sp.binomial: _MP.binomial,
-}
-_SAFE_FOR_HUGE = {sp.log, sp.Abs, sp.floor, sp.ceiling}  # no argument reduction or growth
-
-
 def numeric(expr, env=None):
     """Value of a sympy expression as an mpmath number (symbols taken from env), or None when it
     is undefined there, overflows, or uses something we do not evaluate (oo)."""
+    mp = _context()
     try:
-        return _ev(expr, {k: _MP.mpf(v) for k, v in (env or {}).items()})
+        return _ev(expr, {k: mp.mpf(v) for k, v in (env or {}).items()}, mp)
     except (ArithmeticError, ValueError, TypeError, KeyError):
         return None
 
 
-def _ev(e, env):
+def _ev(e, env, mp):
     if e.is_Rational:
-        v = _MP.mpf(e.p) / e.q
+        v = mp.mpf(e.p) / e.q
     elif e.is_Symbol:
         v = env[e]
     elif e is sp.pi:
-        v = _MP.pi
+        v = mp.pi
     elif e is sp.E:
-        v = _MP.e
+        v = mp.e
     elif e is sp.I:
-        v = _MP.mpc(0, 1)
+        v = mp.mpc(0, 1)
     elif e.is_Add:
-        v = _MP.fsum(_ev(a, env) for a in e.args)
+        v = mp.fsum(_ev(a, env, mp) for a in e.args)
     elif e.is_Mul:
-        v = _MP.fprod(_ev(a, env) for a in e.args)
+        v = mp.fprod(_ev(a, env, mp) for a in e.args)
     elif e.is_Pow:
-        v = _power(_ev(e.base, env), _ev(e.exp, env))
+        v = _power(_ev(e.base, env, mp), _ev(e.exp, env, mp), mp)
     elif e.func in _MP_FUNCS:
-        args = [_ev(a, env) for a in e.args]
-        if e.func not in _SAFE_FOR_HUGE and any(abs(a) > 1e6 for a in args):
+        args = [_ev(a, env, mp) for a in e.args]
+        if e.func not in _SAFE_FOR_HUGE and any(abs(a) > MAX_ARGUMENT for a in args):
             raise _Undefined("argument too large")
-        v = _MP_FUNCS[e.func](*args)
+        v = getattr(mp, _MP_FUNCS[e.func])(*args)
     else:
         raise _Undefined(f"cannot evaluate {e.func}")
-    if not _MP.isfinite(v) or (v != 0 and _MP.mag(v) > MAX_LOG):
+    if not mp.isfinite(v) or (v != 0 and mp.mag(v) > MAX_LOG2):
         raise _Undefined("overflow")
     return v
 
 
-def _power(b, x):
+def _power(b, x, mp):
     if b == 0:
-        if _MP.re(x) > 0:
-            return _MP.zero
+        if mp.re(x) > 0:
+            return mp.zero
         raise _Undefined("0 to a non-positive power")
-    if abs(x) * (abs(_MP.log(abs(b))) + 1) > MAX_LOG:
+    if abs(x) * (abs(mp.log(abs(b))) + 1) > MAX_LOG2:
         raise _Undefined("power too large")
     return b**x

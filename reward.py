@@ -12,18 +12,19 @@ Equivalence, cheapest test first:
      constant factor, and multiple-choice letters / text answers as normalised text;
   3. numbers: exactly when both are rational (0.33 != 1/3), otherwise with relative tolerance
      REL_TOL = 1e-6 (so a rounded 3.14 does not match \\pi, but 1.4142136 matches \\sqrt{2});
-  4. expressions: equal free symbols, then equal values at a few fixed random points (SYM_TOL).
-     This decides x^2+2x+1 = (x+1)^2 or \\cot x = \\cos x/\\sin x without sympy.simplify, whose
-     running time on untrusted input is unbounded.
+  4. expressions: equal values at three fixed generic points (SYM_TOL), computed with guarded
+     mpmath arithmetic. This decides x^2+2x+1 = (x+1)^2 or \\cot x = \\cos x/\\sin x without
+     sympy.simplify, expand or evalf, whose running time on untrusted input is unbounded.
 
 Safety: model text is never evaluated as Python; mathparse builds sympy objects from a
-whitelist. Work is bounded by input length, nesting depth, number sizes and exponents (checked
-before sympy evaluates anything), and a per-verification deadline checked as the comparison
-goes, which works in any thread or process. A verification that hits a bound returns False and
-is counted in STATS["bound_hits"]. score_batch also kills and replaces a worker process that
-overruns its timeout, in case some sympy call ever runs away despite the bounds.
+whitelist and lets sympy compute nothing but exact rational arithmetic. Work is bounded by
+input length, nesting depth, number sizes and exponents (checked before anything is computed),
+and a per-verification deadline checked as the comparison goes, which works in any thread or
+process. A verification that hits a bound returns False and is counted in STATS["bound_hits"].
+score_batch also kills and replaces a worker that overruns its timeout, as a last line of defence.
 """
 
+import atexit
 import multiprocessing
 import os
 import re
@@ -125,10 +126,10 @@ _REWRITES = [
     (re.compile(r"\\[dtc]frac"), r"\\frac"),
     (re.compile(r"\\[dt]binom"), r"\\binom"),
     (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree"), ""),  # degrees
-    (re.compile(r"\{,\}|,\\!"), ","),  # 1{,}234 and 10,\!080
+    (re.compile(r"\{,\}\s*|,\\!\s*"), ","),  # 1{,}234 and 10,\!080
     (re.compile(r"(?<=\d)(?:(?<!\\)\\[,;: ]|\s)+(?=\d{3}(?!\d))"), ","),  # 1\,234
     (re.compile(r"(?<!\\)\\[!,;: ]|~|\\q?quad(?![a-zA-Z])"), " "),  # spacing, not the \\ row break
-    (re.compile(rf"{_TEXT_CMD}\s*\{{\s*(?:or|and)\s*\}}|\s(?:or|and)\s"), ","),  # x=1 or x=2
+    (re.compile(rf",?\s*(?:{_TEXT_CMD}\s*\{{\s*(?:or|and)\s*\}}|\s(?:or|and)\s)"), ","),  # 1, 2 and 3
     (re.compile(r"(?<!\\)\{\s*\}"), ""),  # empty groups left behind, as in 5{ }^{\circ}
     (  # trailing units: 5 \text{ cm}^2, 3 \mathrm{m}/\mathrm{s}, 12 apples
         re.compile(rf"(?<=[\w}}).])(?:\s*(?:{_UNIT_TEXT}|/|\b(?:{_UNIT_WORD})\b)(?:\s*\^\s*\{{?\d\}}?)?)+\s*$"),
@@ -139,21 +140,22 @@ _REWRITES = [
 ]
 _UNWRAP = re.compile(rf"{_TEXT_CMD}\s*\{{([^{{}}]*)\}}")  # \text{(C)} -> (C)
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_CHOICE = re.compile(r"\(?([A-E])\)?")
+_CHOICE = re.compile(r"\(([A-E])\).*|([A-E])")  # (C), C, or (C) 12
+_UNICODE = str.maketrans({"−": "-", "×": r"\times ", "·": r"\cdot ", "π": r"\pi ", "∞": r"\infty "})
 
 
 @lru_cache(maxsize=1 << 16)
 def _normalize(answer):
-    s = answer
+    s = answer.translate(_UNICODE)
     for pattern, repl in _REWRITES:
         s = pattern.sub(repl, s)
     for _ in range(3):  # nested, e.g. \textbf{\text{(C)}}
         s = _UNWRAP.sub(r"\1", s)
-    s = " ".join(s.split()).strip(" .")
+    s = " ".join(s.split()).rstrip(" .")  # a sentence's full stop, not the point of .5
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
     choice = _CHOICE.fullmatch(s)
-    return choice.group(1) if choice else s
+    return choice.group(1) or choice.group(2) if choice else s
 
 
 def _key(s):
@@ -177,7 +179,7 @@ def verify(response: str, gold: str) -> bool:
     try:
         answer = extract_answer(response)
         return answer is not None and _equivalent(_gold_answer(str(gold)), answer)
-    except (BoundError, RecursionError):
+    except (BoundError, RecursionError):  # RecursionError: Python's stack, a net behind MAX_DEPTH
         with _STATS_LOCK:
             STATS["bound_hits"] += 1
         return False
@@ -237,7 +239,8 @@ def _equal_matrices(x, y, deadline):
         return same_shape and _equal_ordered(children(x), children(y), deadline)
     m, t = (x, y) if isinstance(x, Matrix) else (y, x)
     is_vector = len(m.rows) == 1 or len(m.rows[0]) == 1
-    return isinstance(t, Seq) and t.kind == "tuple" and is_vector and _equal_ordered(children(m), t.items, deadline)
+    is_tuple = isinstance(t, Seq) and t.kind == "tuple"
+    return is_tuple and is_vector and _equal_ordered(children(m), t.items, deadline)
 
 
 def _set_parts(v):
@@ -279,19 +282,11 @@ def _same_equation(x, y):
     """lhs - rhs of the two equations differ by a constant nonzero factor (2x = 4y vs x - 2y = 0)."""
     if not isinstance(x.rhs, sp.Expr) or not isinstance(y.rhs, sp.Expr):
         return False
-    dx, dy = x.lhs - x.rhs, y.lhs - y.rhs
-    if dx.free_symbols != dy.free_symbols or not dx.free_symbols or len(dx.free_symbols) > len(_POINTS[0]):
-        return False
-    ratios = []
-    for point in _POINTS:
-        env = dict(zip(sorted(dx.free_symbols, key=str), point))
-        a, b = numeric(dx, env), numeric(dy, env)
-        if a is not None and b is not None and b != 0:
-            ratios.append(a / b)
+    dx, dy = (sp.Add(e.lhs, sp.Mul(-1, e.rhs, evaluate=False), evaluate=False) for e in (x, y))
+    ratios = [a / b for a, b in _values_at_points(dx, dy) if a is not None and b is not None and b != 0]
     return len(ratios) >= 2 and ratios[0] != 0 and all(_close(r, ratios[0], SYM_TOL) for r in ratios)
 
 
-_INFINITIES = (sp.oo, -sp.oo)
 _POINTS = (  # generic values for the symbols of an expression, one row per test point
     (1.3173, 0.7291, 1.9437, 0.5813, 2.2719, 1.1087, 0.8663, 1.6321, 2.4109, 0.6547, 1.4783, 2.0953),
     (0.6839, 1.8517, 1.2263, 2.3371, 0.9127, 1.5689, 2.1447, 0.7753, 1.3919, 2.2583, 1.0391, 0.5261),
@@ -302,23 +297,28 @@ _POINTS = (  # generic values for the symbols of an expression, one row per test
 def _equal_expr(x, y):
     if x == y:
         return True
-    if x.free_symbols != y.free_symbols or x.has(*_INFINITIES) or y.has(*_INFINITIES):
+    if x in (sp.oo, -sp.oo) or y in (sp.oo, -sp.oo):  # infinity only ever stands alone
         return False
-    if not x.free_symbols:  # numbers: exact when both rational (then x != y), else numeric
+    if not (x.free_symbols or y.free_symbols):  # numbers: exact when both rational, else numeric
         return not (x.is_Rational and y.is_Rational) and _close(numeric(x), numeric(y), REL_TOL)
-    symbols = sorted(x.free_symbols, key=str)
-    if len(symbols) > len(_POINTS[0]):
-        return False
     agreed = 0
-    for point in _POINTS:
-        env = dict(zip(symbols, point))
-        a, b = numeric(x, env), numeric(y, env)
+    for a, b in _values_at_points(x, y):
         if a is None and b is None:  # both undefined here, e.g. log of a negative
             continue
         if not _close(a, b, SYM_TOL):
             return False
         agreed += 1
     return agreed >= 2
+
+
+def _values_at_points(x, y):
+    """Values of x and y at each test point. A symbol missing from one side does not change its
+    value, so sin^2 t + cos^2 t still equals 1, while 2k + 2 differs from 2n + 2. The points are
+    positive, the usual domain of answer variables (lengths, counts), so |x| equals x there."""
+    symbols = sorted(x.free_symbols | y.free_symbols, key=str)
+    if len(symbols) > len(_POINTS[0]):
+        return []
+    return [(numeric(x, env), numeric(y, env)) for env in (dict(zip(symbols, p)) for p in _POINTS)]
 
 
 def _close(a, b, tol):
@@ -337,7 +337,11 @@ def score(response: str, gold: str, format_reward: float = 0.0) -> float:
 
 
 def score_batch(
-    responses: list[str], golds: list[str], workers: int = 0, format_reward: float = 0.0, timeout: float = 10.0
+    responses: list[str],
+    golds: list[str],
+    workers: int = 0,
+    format_reward: float = 0.0,
+    timeout: float = 10.0,
 ) -> list[float]:
     """score() over a batch, in order, on a persistent pool of `workers` processes (0: one per
     CPU). Bound hits in the workers are added to STATS. A chunk that runs past `timeout` seconds
@@ -353,7 +357,8 @@ def score_batch(
     with _POOL_LOCK:
         while todo:
             pool = _pool(workers)
-            jobs = [(a, b, pool.apply_async(_score_span, (responses[a:b], golds[a:b], format_reward))) for a, b in todo]
+            jobs = [(a, b, pool.apply_async(_score_span, (responses[a:b], golds[a:b], format_reward)))
+                    for a, b in todo]
             todo = []
             for k, (a, b, job) in enumerate(jobs):
                 try:
@@ -396,3 +401,6 @@ def _close_pool():
         _POOL.terminate()
         _POOL.join()
         _POOL = None
+
+
+atexit.register(_close_pool)  # close workers while the interpreter can still do so cleanly

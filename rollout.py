@@ -11,7 +11,9 @@ later stages. Conventions used everywhere:
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 
@@ -100,6 +102,20 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions count real tokens only, so left padding does not shift them (same rule as HF generate)."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.masked_fill(attention_mask == 0, 1)
+
+
+def load_tokenizer(path: str):
+    """AutoTokenizer, except for a folder saved from a plain `tokenizers` backend (tiny.py's):
+    transformers 5 maps a qwen2 model folder to Qwen2Tokenizer, which would swap in Qwen's
+    pre-tokenizer and silently change every token id."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    conf = Path(path) / "tokenizer_config.json"
+    plain = conf.is_file() and json.loads(conf.read_text()).get("tokenizer_class") in (
+        "TokenizersBackend", "PreTrainedTokenizerFast")
+    tok = (PreTrainedTokenizerFast if plain else AutoTokenizer).from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def eos_ids(tokenizer, model=None) -> list[int]:

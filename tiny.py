@@ -37,8 +37,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 class TaskConfig:
     min_ops: int = 1        # difficulty knob: number of operations (= solution steps before the box)
     max_ops: int = 4
-    max_value: int = 99     # every intermediate result stays in [0, max_value]
-    max_operand: int = 20
+    max_value: int = 40     # every intermediate result stays in [0, max_value]
+    max_operand: int = 9
     seed: int = 0
 
 
@@ -185,11 +185,20 @@ def sft_batch(tokenizer, problems: list[Problem]) -> dict[str, torch.Tensor]:
             "labels": torch.tensor([x + [-100] * (T - len(x)) for x in labels])}
 
 
+def _key(task: TaskConfig, size: ModelSize, ws: WarmStart, seed: int) -> str:
+    return json.dumps({"task": asdict(task), "size": asdict(size), "ws": asdict(ws), "seed": seed}, sort_keys=True)
+
+
+def cache_path(task: TaskConfig, size: ModelSize, ws: WarmStart, cache_dir: str | Path = ".cache/tiny",
+               seed: int = 0) -> Path:
+    """Where the warm start for these settings lives (a hash of every setting)."""
+    return Path(cache_dir) / hashlib.sha1(_key(task, size, ws, seed).encode()).hexdigest()[:12]
+
+
 def warm_start(task: TaskConfig, size: ModelSize, ws: WarmStart, cache_dir: str | Path = ".cache/tiny",
                seed: int = 0) -> Path:
     """SFT a fresh tiny model on synthetic solutions; cached by a hash of every setting."""
-    key = json.dumps({"task": asdict(task), "size": asdict(size), "ws": asdict(ws), "seed": seed}, sort_keys=True)
-    path = Path(cache_dir) / hashlib.sha1(key.encode()).hexdigest()[:12]
+    path = cache_path(task, size, ws, cache_dir, seed)
     if (path / "config.json").exists():
         return path
     tok = build_tokenizer()
@@ -210,6 +219,6 @@ def warm_start(task: TaskConfig, size: ModelSize, ws: WarmStart, cache_dir: str 
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "warm_start.json").write_text(key)
+    (tmp / "warm_start.json").write_text(_key(task, size, ws, seed))
     tmp.rename(path)  # atomic: a killed warm start never leaves a half-written cache entry
     return path

@@ -9,12 +9,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import os
 import random
-import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -24,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import reward
+from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from config import Config, load_config, to_dict
 from echorl import echo_loss, select_clips
 from entropy import delimiter_table, response_logprobs, step_ids
@@ -34,8 +32,14 @@ from rollout import Rollout, concat, eos_ids, generate, render_prompts
 # Setup: model, tokenizer, problem streams
 
 
-def pick_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+def tiny_settings(cfg: Config):
+    """(TaskConfig, ModelSize, WarmStart) of the embedded tiny model from the config."""
+    import tiny
+    t = cfg.tiny
+    return (tiny.TaskConfig(t.min_ops, t.max_ops, t.max_value, t.max_operand),
+            tiny.ModelSize(t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
+                           t.intermediate_size),
+            tiny.WarmStart(steps=t.sft_steps, batch_size=t.sft_batch_size, lr=t.sft_lr))
 
 
 def model_path(cfg: Config) -> str:
@@ -43,12 +47,7 @@ def model_path(cfg: Config) -> str:
     if cfg.model.name_or_path != "tiny":
         return cfg.model.name_or_path
     import tiny
-    t = cfg.tiny
-    task = tiny.TaskConfig(t.min_ops, t.max_ops, t.max_value, t.max_operand)
-    size = tiny.ModelSize(t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
-                          t.intermediate_size)
-    ws = tiny.WarmStart(steps=t.sft_steps, batch_size=t.sft_batch_size, lr=t.sft_lr)
-    return str(tiny.warm_start(task, size, ws, t.cache_dir, seed=cfg.train.seed))
+    return str(tiny.warm_start(*tiny_settings(cfg), cfg.tiny.cache_dir, seed=0))
 
 
 def autocast(cfg: Config, model):
@@ -58,16 +57,13 @@ def autocast(cfg: Config, model):
     return torch.autocast(next(model.parameters()).device.type, dtype=getattr(torch, cfg.model.autocast))
 
 
-def load_model(path: str, cfg: Config, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    dtype = getattr(torch, cfg.model.dtype)
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+def load_model(path: str, cfg: Config, device: str):
+    """Policy (or reference) model and tokenizer, with eval.py's loader (one code path)."""
+    from eval import load_model as load
+    model, tok = load(path, cfg.model.dtype, device, cfg.model.attn_implementation)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device), tok
+    return model, tok
 
 
 class ListStream:
@@ -97,8 +93,7 @@ class ListStream:
 def train_stream(cfg: Config):
     if cfg.data.train == "tiny":
         import tiny
-        t = cfg.tiny
-        return tiny.ProblemStream(tiny.TaskConfig(t.min_ops, t.max_ops, t.max_value, t.max_operand), cfg.train.seed)
+        return tiny.ProblemStream(tiny_settings(cfg)[0], cfg.train.seed)
     from data import load_problems
     return ListStream(load_problems(cfg.data.train, cfg.data.question_key, cfg.data.answer_key),
                       cfg.train.seed, cfg.data.shuffle)
@@ -111,9 +106,7 @@ def eval_problems(cfg: Config) -> dict[str, list]:
     for name in cfg.eval.benchmarks:
         if name == "tiny":
             import tiny
-            t = cfg.tiny
-            out[name] = tiny.make_split(tiny.TaskConfig(t.min_ops, t.max_ops, t.max_value, t.max_operand),
-                                        limit or 200, "heldout")
+            out[name] = tiny.make_split(tiny_settings(cfg)[0], limit or 200, "heldout")
         else:
             out[name] = load_benchmark(name, cfg.eval.data_dir, limit)
     return out
@@ -227,9 +220,9 @@ def score_old_policy(model, ref_model, batch: Rollout, cfg: Config, times: dict)
 def accumulate_gradients(model, sub: Rollout, cfg: Config) -> dict:
     """Backward the combined loss of one mini-batch, micro-batch by micro-batch (grads accumulate).
 
-    L = policy loss (+ kl_coef * KL) (+ EchoRL clip-SFT loss). Normalisers are per mini-batch
-    (Norm, clip-token count), so the gradient does not depend on the micro-batch size
-    (method.md pitfall 4). The echo term reuses this forward's log-probs: no extra pass.
+    L = policy loss (+ kl_coef * KL) (- entropy_coef * entropy) (+ EchoRL clip-SFT loss).
+    Normalisers are per mini-batch (Norm, clip-token count), so the gradient does not depend on
+    the micro-batch size (method.md pitfall 4). The echo term reuses this forward's log-probs: no extra pass.
     """
     a, T = cfg.algo, cfg.rollout.temperature or 1.0
     pg_mask = sub.response_mask * sub.in_policy[:, None].to(sub.response_mask)           # [b, R]
@@ -240,7 +233,8 @@ def accumulate_gradients(model, sub: Rollout, cfg: Config) -> dict:
     for idx in micro_batches(len(sub), cfg.train.micro_batch_size):
         mb, m = sub.select(idx), pg_mask[idx]
         with autocast(cfg, model):
-            logp, _ = response_logprobs(model, mb, temperature=T, chunk_size=cfg.train.logprob_chunk)
+            logp, ent = response_logprobs(model, mb, temperature=T, chunk_size=cfg.train.logprob_chunk,
+                                          with_entropy=a.entropy_coef > 0)
         loss, clip = policy_loss(logp, mb.old_logprobs, mb.advantages, m, policy_loss=a.policy_loss,
                                  aggregation=a.aggregation, eps_low=a.eps_low, eps_high=a.eps_high,
                                  norm=norm, dual_clip=a.dual_clip)
@@ -251,6 +245,8 @@ def accumulate_gradients(model, sub: Rollout, cfg: Config) -> dict:
             kl = aggregate(kl_k3(logp, mb.ref_logprobs), m, a.aggregation, norm)
             loss = loss + a.kl_coef * kl
             st["kl"] += float(kl.detach())
+        if a.entropy_coef > 0:
+            loss = loss - a.entropy_coef * aggregate(ent, m, a.aggregation, norm)
         if echo_on and n_clip > 0:
             le = echo_loss(logp, mb.clip_mask, cfg.echo.coef, n_clip)
             loss = loss + le
@@ -345,42 +341,6 @@ def dump_rollouts(batch: Rollout, tok, path: Path) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(out: Path, step: int, model, tok, opt, sched, stream, gen, keep: int) -> Path:
-    """Write to a temporary folder, then rename: a crash mid-save never corrupts the last checkpoint."""
-    ckdir = out / "checkpoints"
-    final, tmp = ckdir / f"step_{step:06d}", ckdir / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "stream": stream.state_dict(), "rng": rng_state(), "echo_rng": gen.get_state()}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    (ckdir / "latest.tmp").write_text(final.name)
-    os.replace(ckdir / "latest.tmp", ckdir / "latest")
-    for old in sorted(ckdir.glob("step_*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    p = out / "checkpoints" / "latest"
-    return out / "checkpoints" / p.read_text().strip() if p.exists() else None
-
-
 def make_scheduler(opt, cfg: Config):
     total = cfg.train.steps * cfg.train.ppo_epochs * cfg.train.mini_batches
     w = cfg.train.warmup_steps * cfg.train.ppo_epochs * cfg.train.mini_batches
@@ -399,9 +359,9 @@ class Logger:
 
     def __init__(self, cfg: Config, out: Path, resume_step: int):
         self.path = out / "metrics.jsonl"
-        if resume_step and self.path.exists():  # drop lines past the checkpoint we resume from
+        if self.path.exists():  # a fresh run starts a new file; a resumed one drops lines past its checkpoint
             lines = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in lines))
+            self.path.write_text("".join(l + "\n" for l in lines) if resume_step else "")
         self.wandb = None
         if cfg.log.wandb:
             import wandb
@@ -419,7 +379,6 @@ def train(cfg: Config, resume: bool = False) -> list[dict]:
     """Run the whole loop; returns the list of per-step metrics written this run."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -430,10 +389,10 @@ def train(cfg: Config, resume: bool = False) -> list[dict]:
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     base = model_path(cfg)
-    model, tok = load_model(str(ckpt) if ckpt else base, cfg, device)
+    model, tok = load_model(str(ckpt) if ckpt else base, cfg, cfg.train.device)
     ref_model = None
     if cfg.algo.kl_coef > 0:
-        ref_model = load_model(base, cfg, device)[0].eval().requires_grad_(False)
+        ref_model = load_model(base, cfg, cfg.train.device)[0].requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             betas=tuple(cfg.train.betas))
     sched = make_scheduler(opt, cfg)
@@ -441,13 +400,7 @@ def train(cfg: Config, resume: bool = False) -> list[dict]:
     gen = torch.Generator().manual_seed(cfg.train.seed)
     start = 0
     if ckpt:
-        st = torch.load(ckpt / "state.pt", weights_only=False)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        stream.load_state_dict(st["stream"])
-        set_rng_state(st["rng"])
-        gen.set_state(st["echo_rng"])
-        start = st["step"]
+        start = load_checkpoint(ckpt, opt, sched, stream, gen)
         print(f"resumed from {ckpt} at step {start}")
     logger = Logger(cfg, out, start)
     delims = delimiter_table(tok, cfg.echo.delimiter)

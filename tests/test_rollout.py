@@ -105,3 +105,15 @@ def test_select_and_concat_round_trip(tok_model):
         pm = back.prompt_mask[i].bool()
         assert back.prompt_ids[i][pm].tolist() == b.prompt_ids[i][b.prompt_mask[i].bool()].tolist()
     assert isinstance(back, Rollout) and back.texts == b.texts
+
+
+def test_saved_tiny_tokenizer_loads_back_with_identical_ids(tok_model, tmp_path):
+    """A tiny model folder holds a qwen2 config; its tokenizer must still load as saved."""
+    from rollout import load_tokenizer
+    tok, model = tok_model
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    back = load_tokenizer(str(tmp_path))
+    text = render_prompts(["Ann has 13 pens. Ann loses 4."], tok)[0] + "13 - 4 = 9\n\\boxed{9}"
+    assert back(text)["input_ids"] == tok(text)["input_ids"]
+    assert back.decode(tok(text)["input_ids"]) == text

@@ -36,7 +36,7 @@ def prepared_batch(model_dir, tmp_path, *extra, rewards=(1, 0, 0, 1, 1, 1, 0, 1)
     entropies and EchoClips, as train_step prepares it."""
     cfg = small_cfg(model_dir, tmp_path, *extra)
     torch.manual_seed(0)
-    model, tok = train.load_model(str(model_dir), cfg, torch.device("cpu"))
+    model, tok = train.load_model(str(model_dir), cfg, "cpu")
     batch = train.collect(model, tok, train.train_stream(cfg), cfg, {}, {})
     r = torch.tensor(rewards, dtype=torch.float)
     batch.rewards, batch.correct = r, r > 0
@@ -165,6 +165,13 @@ def test_config_errors_name_the_key_and_the_allowed_values(tmp_path):
         load_config(bad)
 
 
+def test_set_values_are_parsed_as_yaml_and_floats_accept_exponents_without_a_dot():
+    c = load_config(None, ["train.lr=5e-4", "eval.benchmarks=[tiny, gsm8k]", "echo.clips_per_group=1",
+                           "algo.dual_clip=null"])
+    assert c.train.lr == 5e-4 and c.eval.benchmarks == ["tiny", "gsm8k"]
+    assert c.echo.clips_per_group == "1" and c.algo.dual_clip is None
+
+
 def test_presets_fill_unset_keys_and_explicit_keys_win():
     c = load_config(None, ["algo.name=dapo"])
     assert (c.algo.eps_low, c.algo.eps_high, c.algo.aggregation, c.algo.dynamic_sampling) == (0.2, 0.28, "token-mean", True)
@@ -208,3 +215,35 @@ def test_qwen_config_runs_one_step_with_real_tokenizer_and_shrunk_model(tmp_path
     m = hist[0]
     assert m["step"] == 1 and m["batch_rows"] == 4 and torch.isfinite(torch.tensor(m["grad_norm"]))
     assert (tmp_path / "run" / "checkpoints" / "step_000001" / "model.safetensors").exists()
+
+
+def test_dapo_dynamic_sampling_drops_zero_std_groups_refills_and_keeps_success_groups_for_echo(
+        model_dir, tmp_path, monkeypatch):
+    """Round 1 (2 prompts): [1, 1] all-success -> dropped from the policy but kept for EchoRL,
+    [1, 0] mixed -> kept. Round 2 asks for the 1 missing prompt: [1, 0] -> kept. The batch is the
+    2 policy groups followed by the echo-only group (in_policy = 0)."""
+    cfg = small_cfg(model_dir, tmp_path, "algo.name=dapo", "rollout.prompts_per_step=2", "rollout.group_size=2",
+                    "echo.enabled=true", "echo.keep_dropped_groups=true", "algo.overlong_buffer=0",
+                    "reward.truncated=score")  # a random model never stops: score truncated rows too
+    rounds = iter([[1, 1, 1, 0], [1, 0]])
+
+    def scripted(texts, golds, **kw):
+        return [float(x) for x in next(rounds)]
+
+    monkeypatch.setattr(train.reward, "score_batch", scripted)
+    torch.manual_seed(0)
+    model, tok = train.load_model(str(model_dir), cfg, "cpu")
+    stats = {}
+    batch = train.collect(model, tok, train.train_stream(cfg), cfg, {}, stats)
+    assert stats["sampling_rounds"] == 2.0 and stats["frac_degenerate"] == 0.5
+    assert batch.in_policy.tolist() == [1, 1, 1, 1, 0, 0]
+    assert batch.correct.tolist() == [True, False, True, False, True, True]
+    assert batch.group.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("method", ["grpo", "dapo", "drgrpo", "rloo", "reinforce_pp", "gspo"])
+def test_every_method_runs_a_training_step_with_echorl(model_dir, tmp_path, method):
+    cfg = small_cfg(model_dir, tmp_path, f"algo.name={method}", "echo.enabled=true", "train.steps=1")
+    hist = train.train(cfg)
+    assert len(hist) == 1 and all(v == v for k, v in hist[0].items() if isinstance(v, float))  # no NaN
+    assert "echo/n_clips" in hist[0] and "time/echo_select" in hist[0]

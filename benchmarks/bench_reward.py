@@ -1,0 +1,94 @@
+"""Reward throughput and worst-case latency; prints a markdown table.
+
+    python benchmarks/bench_reward.py
+
+Every MATH500 gold answer is wrapped in a typical response and verified against itself (the
+common, mostly-True case), and against the gold of another problem (mostly False, so both
+sides get parsed). Caches are cleared before each timed pass, so nothing is measured warm.
+The hostile inputs are those of tests/test_reward.py, one row each.
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tqdm import tqdm  # noqa: E402
+
+import reward  # noqa: E402
+from tests.test_reward import HOSTILE  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+def typical(answer):
+    return f"Let me think step by step.\nSo the final answer is $\\boxed{{{answer}}}$."
+
+
+def clear_caches():
+    for cached in (reward._gold_answer, reward._normalize, reward._parse):
+        cached.cache_clear()
+
+
+def rate(responses, golds, passes=5):
+    """Verifications per second in this process, cold caches, best of `passes`."""
+    best = float("inf")
+    for _ in tqdm(range(passes), desc="single process", leave=False):
+        clear_caches()
+        start = time.perf_counter()
+        for r, g in zip(responses, golds):
+            reward.verify(r, g)
+        best = min(best, time.perf_counter() - start)
+    return len(responses) / best
+
+
+def batch_rate(responses, golds, workers):
+    """Verifications per second through score_batch; the pool is started (and its workers'
+    caches filled with unrelated GSM8K answers) before timing."""
+    warm = [r["answer"].split("####")[-1].strip() for r in load("gsm8k/test.jsonl")[:256]]
+    reward.score_batch([typical(a) for a in warm], warm, workers=workers)
+    start = time.perf_counter()
+    reward.score_batch(responses, golds, workers=workers)
+    return len(responses) / (time.perf_counter() - start)
+
+
+def load(name):
+    return [json.loads(line) for line in (DATA / name).read_text().splitlines()]
+
+
+def main():
+    golds = [r["answer"] for r in load("math500/test.jsonl")]
+    responses = [typical(g) for g in golds]
+    rng, order = random.Random(0), list(range(len(golds)))
+    while any(i == j for i, j in enumerate(order)):
+        rng.shuffle(order)
+    shuffled = [golds[j] for j in order]
+
+    rows = [
+        ("MATH500 golds vs themselves, 1 process", f"{rate(responses, golds):,.0f} verif/s"),
+        ("MATH500 golds vs themselves, score_batch 2 workers", f"{batch_rate(responses, golds, 2):,.0f} verif/s"),
+        ("MATH500 shuffled golds (mostly False), 1 process", f"{rate(responses, shuffled):,.0f} verif/s"),
+    ]
+    worst = 0.0
+    for name, response in tqdm(HOSTILE.items(), desc="hostile inputs", leave=False):
+        clear_caches()
+        start = time.perf_counter()
+        assert reward.verify(response, "2") is False
+        seconds = time.perf_counter() - start
+        worst = max(worst, seconds)
+        rows.append((f"hostile: {name}", f"{seconds:.4f} s"))
+    rows.append(("hostile: worst case", f"{worst:.4f} s"))
+
+    print(f"\nreward.py benchmark ({os.cpu_count()} CPUs)\n")
+    print("| case | result |\n|---|---|")
+    for case, result in rows:
+        print(f"| {case} | {result} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Plots of a run: one rollout's step entropies with its EchoClip (method.md §2), and training curves.
+
+    python plots.py RUN_DIR [RUN_DIR ...] [--step N] [--row I] [--out DIR]
+
+writes into DIR (default: the first RUN_DIR/plots/)
+  entropy_profile_stepN.png  a rollout of the first run: mean token entropy per step, the EchoClip
+                             (steps 0..k*) shaded, the peak step k* marked, and each step's text.
+                             Default: the first clipped rollout of the latest rollouts/step_N.jsonl
+                             that has one.
+  training_curves.png        metrics.jsonl of every RUN_DIR overlaid, labelled by directory name.
+
+The functions are importable, for a study script or a notebook. matplotlib is optional; only the
+plot functions need it.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+STEP_TEXT_CHARS = 40     # per-step text is cut to this many characters in the profile plot
+MAX_TEXT_LINES = 60      # steps listed in the text panel; longer responses are elided
+
+
+def _figure(**kw):
+    """A bare Figure: savefig renders it with Agg, headless, and pyplot's global state (a notebook's
+    backend, its open figures) is left alone."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("plots.py needs matplotlib: pip install matplotlib") from e
+    return Figure(**kw)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_metrics(path) -> list[dict]:
+    """Rows of a run's metrics.jsonl (`path` is the file or its run directory), by step.
+
+    A fresh run into an existing out_dir appends to the file: a step that does not increase starts
+    over, and the later rows replace the earlier ones from that step on.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}")
+    rows: list[dict] = []
+    for r in _read_jsonl(path):
+        while rows and rows[-1]["step"] >= r["step"]:
+            rows.pop()
+        rows.append(r)
+    return rows
+
+
+def load_rollouts(path) -> list[dict]:
+    """Rows of one rollouts/step_XXXXXX.jsonl: one dict per rollout of that step's batch."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no rollouts file at {path}")
+    return _read_jsonl(path)
+
+
+def _step_ids(rollout: dict) -> list[int]:
+    if rollout.get("step_ids") is not None:
+        return rollout["step_ids"]
+    sids, k = [], 0
+    for t in rollout["token_text"]:
+        sids.append(k)
+        k += "\n" in t
+    return sids
+
+
+def step_table(rollout: dict) -> list[dict]:
+    """Per step of a response: index, text, entropy (mean of its token_entropy), n_tokens, in_clip.
+
+    Steps come from the rollout's `step_ids`; when EchoRL was off they are null, and the
+    response is split as the paper does: a step ends at each token whose text holds a newline.
+    A step is in_clip when any of its tokens is in the EchoClip.
+    """
+    texts, ents = rollout["token_text"], rollout["entropy"]
+    clip = rollout.get("clip") or [0] * len(texts)
+    rows: dict[int, dict] = {}
+    for t, h, c, s in zip(texts, ents, clip, _step_ids(rollout), strict=True):
+        r = rows.setdefault(s, {"index": s, "text": "", "token_entropy": [], "in_clip": False})
+        r["text"] += t
+        r["token_entropy"].append(h)
+        r["in_clip"] |= bool(c)
+    for r in rows.values():
+        r["n_tokens"] = len(r["token_entropy"])
+        r["entropy"] = sum(r["token_entropy"]) / r["n_tokens"]
+    return list(rows.values())
+
+
+def _short(text: str, n: int = STEP_TEXT_CHARS) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def plot_entropy_profile(rollout: dict, path, title: str | None = None) -> None:
+    """Bar per step (mean token entropy), token entropies as dots, EchoClip shaded, step texts below."""
+    table = step_table(rollout)
+    S = len(table)
+    if S == 0:
+        raise ValueError("the rollout has no response tokens to plot")
+    clipped = [i for i, r in enumerate(table) if r["in_clip"]]
+    peak = clipped[-1] if clipped else None   # position of k*: the EchoClip ends with the peak step
+    # Text panel: at most MAX_TEXT_LINES steps, a window that keeps the peak and a few steps after it.
+    end = min(S, max(MAX_TEXT_LINES, (peak or 0) + 6))
+    shown = table[max(0, end - MAX_TEXT_LINES):end]
+    n_lines = len(shown) + 2
+    fig = _figure(figsize=(min(max(8.0, 0.35 * S), 20.0), 4.2 + 0.15 * n_lines))
+    ax, tx = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3.6, 0.15 * n_lines + 0.2]})
+
+    if peak is not None:
+        ax.axvspan(-0.5, peak + 0.5, color="tab:orange", alpha=0.15,
+                   label=f"EchoClip (steps 0..{table[peak]['index']})")
+    rest = [i for i in range(S) if i != peak]
+    ax.bar(rest, [table[i]["entropy"] for i in rest], width=0.8, color="tab:blue", alpha=0.7,
+           label="step mean entropy")
+    if peak is not None:
+        ax.bar([peak], [table[peak]["entropy"]], width=0.8, color="tab:red", alpha=0.7, label="peak step k*")
+    # Token entropies, spread evenly across their step's bar.
+    xs, hs = [], []
+    for i, r in enumerate(table):
+        xs += [i - 0.4 + 0.8 * (j + 0.5) / r["n_tokens"] for j in range(r["n_tokens"])]
+        hs += r["token_entropy"]
+    ax.plot(xs, hs, ".-", color="black", lw=0.5, ms=2.5, alpha=0.6, label="token entropy")
+    ax.set_xlim(-0.6, S - 0.4)
+    ax.set_ylim(0, 1.3 * max(hs + [1e-3]))  # headroom for the legend
+    ticks = [str(r["index"]) for r in table]
+    if peak is not None:
+        ticks[peak] = f"k*={ticks[peak]}"
+    stride = -(-S // 50)  # at most ~50 tick labels
+    ticks = [t if i % stride == 0 or i == peak else "" for i, t in enumerate(ticks)]
+    ax.set_xticks(range(S), ticks, fontsize=7 if S > 30 else 9)
+    if peak is not None:
+        ax.get_xticklabels()[peak].set_color("tab:red")
+    ax.set_xlabel("step of the response")
+    ax.set_ylabel("entropy (nats)")
+    ax.legend(fontsize=8, loc="upper right", ncol=4)
+    ax.set_title(title or f"gold: {rollout.get('gold')}  |  group {rollout.get('group')}  |  "
+                 f"correct: {rollout.get('correct')}", fontsize=10, parse_math=False)
+
+    lines = [f"{'*' if r['in_clip'] else ' '}{r['index']:>4}  {r['entropy']:7.2f}  {r['n_tokens']:>6}  "
+             f"{_short(r['text'])}" for r in shown]
+    if shown[0] is not table[0]:
+        lines.insert(0, f"      ... {table.index(shown[0])} steps before")
+    if end < S:
+        lines.append(f"      ... {S - end} more steps")
+    tx.axis("off")
+    header = " step  H mean  tokens  text (* = in EchoClip)"
+    tx.text(0.0, 1.0, "\n".join([header] + lines), family="monospace", fontsize=8,
+            va="top", ha="left", transform=tx.transAxes, parse_math=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# (panel title, [(metric key, line style, legend name)]); held-out accuracy gets every eval/*/acc key.
+PANELS = [
+    ("degenerate groups (fraction of prompts)", [("frac_degenerate", "-", "degenerate"),
+                                                 ("frac_all_success", "--", "all success"),
+                                                 ("frac_all_fail", ":", "all fail")]),
+    ("EchoClips per step", [("echo/n_clips", "-", "clips (left axis)"),
+                            ("echo/clip_group_share", ":", "share of all-success groups\n"
+                                                           "that gave a clip (right axis)")]),
+    ("training reward", [("reward", "-", "reward"), ("accuracy", "--", "accuracy")]),
+]
+TWIN_KEYS = {"echo/clip_group_share"}   # a fraction in [0, 1], drawn against its own axis
+SHARE_OF = {"echo/clip_group_share": "echo/success_groups"}   # share -> the count it divides by
+STYLES = ["-", "--", ":", "-."]
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric; a share whose denominator was 0 is undefined: NaN, a gap."""
+    den = SHARE_OF.get(key)
+    pts = [(r["step"], float("nan") if den and r.get(den) == 0 else r[key])
+           for r in rows if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(runs: dict[str, list[dict]], path) -> None:
+    """2x2 training curves of one or more runs ({label: metrics rows}): colour = run, line style = metric."""
+    fig = _figure(figsize=(12, 7.5))
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    evals = sorted({k for rows in runs.values() for r in rows for k in r
+                    if k.startswith("eval/") and k.endswith("/acc")})
+    held_out = [(k, STYLES[j % len(STYLES)], k.split("/")[1]) for j, k in enumerate(evals)]
+    panels = PANELS[:2] + [("held-out accuracy (step 0: before RL)", held_out)] + PANELS[2:]
+    axes = fig.subplots(2, 2, sharex=True)
+    share_ax = axes[0, 1].twinx()
+    for ax, (title, metrics) in zip(axes.flat, panels):
+        handles = []
+        for key, ls, label in metrics:
+            marker = "o" if key.startswith("eval/") else "." if key in TWIN_KEYS else None
+            drawn = False
+            for i, rows in enumerate(runs.values()):
+                x, y = _series(rows, key)
+                if x:
+                    (share_ax if key in TWIN_KEYS else ax).plot(x, y, ls, color=f"C{i % 10}", marker=marker,
+                                                                ms=4, lw=1.2)
+                    drawn = True
+            if drawn:
+                handles.append(Line2D([], [], color="0.3", ls=ls, marker=marker, ms=4, label=label))
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if handles:
+            lo, hi = ax.get_ylim()
+            lo = 0.0 if ax.dataLim.y0 >= 0 else lo   # counts and rates: keep zero in view
+            ax.set_ylim(lo, hi + 0.25 * (hi - lo))   # headroom for the legend
+            ax.legend(handles=handles, fontsize=8, loc="upper left", ncol=min(len(handles), 4))
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    share_ax.set_ylim(0, 1.3)
+    share_ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    axes[1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[1]:
+        ax.set_xlabel("training step")
+    fig.legend(handles=[Line2D([], [], color=f"C{i % 10}", lw=2, label=name) for i, name in enumerate(runs)],
+               loc="upper center", ncol=min(len(runs), 6), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=120)
+
+
+def pick_rollout(run_dir, step: int | None = None, row: int | None = None) -> tuple[int, int, dict]:
+    """(step, row, rollout) to profile; default: the first clipped rollout of the latest step with one."""
+    run_dir = Path(run_dir)
+    files = sorted((run_dir / "rollouts").glob("step_*.jsonl"))
+    if step is not None:
+        files = [run_dir / "rollouts" / f"step_{step:06d}.jsonl"]
+    for f in reversed(files):
+        rollouts = load_rollouts(f)
+        s = int(f.stem.split("_")[1])
+        if row is not None:
+            if not 0 <= row < len(rollouts):
+                raise IndexError(f"--row {row} out of range: {f} has {len(rollouts)} rollouts")
+            return s, row, rollouts[row]
+        hits = [i for i, r in enumerate(rollouts) if any(r.get("clip") or [])]
+        if hits:
+            return s, hits[0], rollouts[hits[0]]
+    where = files[0] if step is not None else run_dir / "rollouts"
+    raise LookupError(f"no rollout with an EchoClip in {where}; pass --step N --row I to plot any rollout")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="several are overlaid in the curves")
+    p.add_argument("--step", type=int, metavar="N", help="rollouts of step N (default: latest with a clip)")
+    p.add_argument("--row", type=int, metavar="I", help="row in that file (default: first with a clip)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output dir (default: first RUN_DIR/plots)")
+    a = p.parse_args(argv)
+    names = [r.resolve().name for r in a.runs]
+    if len(set(names)) < len(names):   # runs/x/tiny vs runs/y/tiny: label by the path as given
+        names = [str(r) for r in a.runs]
+    try:
+        runs = {name: load_metrics(r) for name, r in zip(names, a.runs)}
+    except FileNotFoundError as e:
+        raise SystemExit(f"plots.py: {e}")
+    out = a.out or a.runs[0] / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    plot_curves(runs, out / "training_curves.png")
+    print(out / "training_curves.png")
+    try:
+        step, row, rollout = pick_rollout(a.runs[0], a.step, a.row)
+    except (LookupError, FileNotFoundError) as e:
+        if a.step is not None or a.row is not None:
+            raise SystemExit(f"plots.py: {e}")
+        print(f"skipping the entropy profile: {e}", file=sys.stderr)
+        return
+    n_clip = sum(rollout.get("clip") or [])
+    title = (f"{names[0]}, step {step}, rollout {row} (group {rollout['group']}, "
+             f"correct: {rollout['correct']}), gold: {rollout['gold']}\n"
+             f"EchoClip: {n_clip} of {len(rollout['entropy'])} tokens")
+    path = out / f"entropy_profile_step{step}.png"
+    plot_entropy_profile(rollout, path, title)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
