@@ -32,7 +32,7 @@ class TinyConfig:
     """The embedded task (tiny.py): difficulty, model size and the warm start."""
     min_ops: int = 1
     max_ops: int = 4
-    max_value: int = 40
+    max_value: int = 20
     max_operand: int = 9
     hidden_size: int = 128
     num_hidden_layers: int = 4
@@ -42,6 +42,7 @@ class TinyConfig:
     sft_steps: int = 300
     sft_lr: float = 5e-3
     sft_batch_size: int = 64
+    sft_habit: float = 0.5            # share of multi-step SFT solutions that box the first intermediate result
     cache_dir: str = ".cache/tiny"
 
 
@@ -69,7 +70,7 @@ class RolloutConfig:
 class RewardConfig:
     truncated: Literal["zero", "score"] = "zero"   # a response cut at the length limit scores 0, or is verified
     format_reward: float = 0.0
-    workers: int = 0                  # verifier processes for score_batch; 0 = all cores
+    workers: int = 1                  # verifier processes for score_batch (1 = in-process); 0 = all cores
 
 
 @dataclass

@@ -37,7 +37,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 class TaskConfig:
     min_ops: int = 1        # difficulty knob: number of operations (= solution steps before the box)
     max_ops: int = 4
-    max_value: int = 40     # every intermediate result stays in [0, max_value]
+    max_value: int = 20     # every intermediate result stays in [0, max_value]
     max_operand: int = 9
     seed: int = 0
 
@@ -163,8 +163,21 @@ def build_model(tokenizer, seed: int = 0, **size):
 class WarmStart:
     steps: int = 300
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 5e-3
     n_problems: int = 20000
+    habit: float = 0.5      # share of multi-step SFT solutions that box the FIRST intermediate result
+
+
+def with_habit(p: Problem) -> Problem:
+    """The same solution, but boxing the first line's result: a bad habit of the stand-in base model.
+
+    A pretrained model brings habits that RL must unlearn; this one lives exactly at the step
+    where the answer is committed, so RL (and EchoRL's entropy peak) has something real to find.
+    One-step problems are unaffected (their first result is the answer).
+    """
+    lines = p.solution.split("\n")
+    first = lines[0].split("= ")[-1]
+    return Problem(p.id, p.question, p.answer, "\n".join(lines[:-1] + [f"\\boxed{{{first}}}"]))
 
 
 def sft_batch(tokenizer, problems: list[Problem]) -> dict[str, torch.Tensor]:
@@ -203,10 +216,10 @@ def warm_start(task: TaskConfig, size: ModelSize, ws: WarmStart, cache_dir: str 
         return path
     tok = build_tokenizer()
     model = build_model(tok, seed=seed, **asdict(size))
-    data = make_split(task, ws.n_problems, "sft")
+    rng = random.Random(seed)
+    data = [with_habit(p) if rng.random() < ws.habit else p for p in make_split(task, ws.n_problems, "sft")]
     opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / ws.steps)))
-    rng = random.Random(seed)
     model.train()
     for _ in (bar := tqdm(range(ws.steps), desc="warm start (SFT)")):
         loss = model(**sft_batch(tok, rng.sample(data, ws.batch_size))).loss

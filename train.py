@@ -39,7 +39,7 @@ def tiny_settings(cfg: Config):
     return (tiny.TaskConfig(t.min_ops, t.max_ops, t.max_value, t.max_operand),
             tiny.ModelSize(t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
                            t.intermediate_size),
-            tiny.WarmStart(steps=t.sft_steps, batch_size=t.sft_batch_size, lr=t.sft_lr))
+            tiny.WarmStart(steps=t.sft_steps, batch_size=t.sft_batch_size, lr=t.sft_lr, habit=t.sft_habit))
 
 
 def model_path(cfg: Config) -> str:
