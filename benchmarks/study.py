@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
 from config import load_config  # noqa: E402
+from _common import cpu_model  # noqa: E402
 
 METHODS = ["grpo", "dapo", "drgrpo", "gspo"]
 ABLATIONS = {  # name -> overrides, all on GRPO + EchoRL
@@ -112,13 +112,14 @@ def main(argv=None):
         delta = ""
         if n != base_name and (base_name, 0) in summ:
             d = [a["acc_end"] - summ[(base_name, i)]["acc_end"] for i, a in enumerate(s)]
-            delta = f"{statistics.mean(d):+.3f}" + (" (helps)" if statistics.mean(d) > 0 else " (no gain)")
+            delta = f"{statistics.mean(d):+.3f}" + (" (helps)" if statistics.mean(d) > 0 else " (does not help)")
         lines.append(f"| {n} | {mean_std([x['acc_end'] for x in s])} | {mean_std([x['acc_equal_time'] for x in s])} "
                      f"| {mean_std([x['frac_degenerate_end'] for x in s])} | {statistics.mean(x['clips_per_step'] for x in s):.1f} "
                      f"| {statistics.mean(x['sec_per_step'] for x in s):.2f} | {delta} |")
     start = statistics.mean(summ[(names[0], i)]["acc_start"] for i in range(args.seeds))
-    header = (f"Held-out `{bench}` accuracy (greedy), mean ± std over {args.seeds} seeds; start (warm start) = {start:.3f}. "
-              f"Study wall time {study_wall / 60:.1f} min on {platform.processor() or platform.machine()}, "
+    protocol = "greedy" if base.eval.temperature == 0 else f"avg@{base.eval.n} at temperature {base.eval.temperature}"
+    header = (f"Held-out `{bench}` accuracy ({protocol}), mean ± std over {args.seeds} seeds; "
+              f"start (warm start) = {start:.3f}. Study wall time {study_wall / 60:.1f} min on {cpu_model()}, "
               f"{base.train.threads or 'default'} threads. Command: `python benchmarks/study.py --config {args.config} "
               f"--seeds {args.seeds}{''.join(' --set ' + o for o in args.overrides)}`.")
     table = header + "\n\n" + "\n".join(lines) + "\n"
