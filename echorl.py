@@ -52,8 +52,8 @@ def select_clips(correct: torch.Tensor, group: torch.Tensor, response_mask: torc
     correct = correct.bool()
     _, g = torch.unique(group, return_inverse=True)                               # dense group ids
     n_groups = int(g.max()) + 1 if B else 0
-    g_all = torch.ones(n_groups, dtype=torch.bool, device=dev).scatter_reduce(0, g, correct, "amin")
-    all_success = g_all[g]                                                        # [B]
+    g_all = torch.ones(n_groups, dtype=torch.long, device=dev).scatter_reduce(0, g, correct.long(), "amin")
+    all_success = g_all[g] == 1                                                   # [B]
 
     step_h = step_reduce(entropies, sids, cfg.reduce)                            # [B, S], -inf = no step
     n_steps = sids.amax(-1) + 1                                                   # [B]

@@ -130,6 +130,7 @@ def step_ids(response_ids: torch.Tensor, response_mask: torch.Tensor, table: dic
     response token): runs of newlines stay in one step, and a final EOS belongs to the last
     step, which runs to the end of the response.
     """
+    table = {k: (v.to(response_ids.device) if torch.is_tensor(v) else v) for k, v in table.items()}
     ids = response_ids.clamp_max(table["newline"].numel() - 1)
     valid = response_mask.bool()
     nxt_valid = torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], dim=1)

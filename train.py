@@ -154,6 +154,7 @@ def collect(model, tok, stream, cfg: Config, times: dict, stats: dict) -> Rollou
     rounds = 1 + (cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 0)
     for r in range(rounds):
         batch = sample_groups(model, tok, stream.next(n_want if r == 0 else n_want - n_kept), cfg, times)
+        first = batch if r == 0 else first
         live = ~constant_groups(batch.rewards, G)                                   # [n_groups]
         g_correct = batch.correct.view(-1, G)
         if r == 0:
@@ -180,9 +181,9 @@ def collect(model, tok, stream, cfg: Config, times: dict, stats: dict) -> Rollou
         b.in_policy = torch.ones(len(b))
     for b in echo_only:
         b.in_policy = torch.zeros(len(b))
-    if not parts:  # nothing survived dynamic sampling: train on nothing this step
-        parts = [kept[0]]
-        parts[0].in_policy = torch.zeros(len(parts[0]))
+    if not parts:  # nothing survived dynamic sampling: round 0's batch, outside the policy loss
+        first.in_policy = torch.zeros(len(first))
+        parts = [first]
     batch = concat(parts, tok.pad_token_id) if len(parts) > 1 else parts[0]
     batch.group = torch.arange(len(batch) // G).repeat_interleave(G).to(batch.response_ids.device)
     return batch
@@ -195,6 +196,13 @@ def micro_batches(n: int, size: int) -> list[torch.Tensor]:
     return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+def update_slices(n: int, cfg: Config) -> list[list[torch.Tensor]]:
+    """Row indices of each mini-batch's micro-batches, in update order. The old-policy pass uses
+    the same slices, so the first update sees bit-identical log-probs (ratio == 1 exactly)."""
+    return [[mini[idx] for idx in micro_batches(len(mini), cfg.train.micro_batch_size)]
+            for mini in torch.arange(n).chunk(cfg.train.mini_batches)]
+
+
 @torch.no_grad()
 def score_old_policy(model, ref_model, batch: Rollout, cfg: Config, times: dict) -> None:
     """Old log-probs and entropies in the same micro-batches the update uses, so the first
@@ -202,7 +210,7 @@ def score_old_policy(model, ref_model, batch: Rollout, cfg: Config, times: dict)
     model.eval()
     lps, ents, refs = [], [], []
     with timer(times, "old_logprobs"):
-        for idx in micro_batches(len(batch), cfg.train.micro_batch_size):
+        for idx in [i for mini in update_slices(len(batch), cfg) for i in mini]:
             mb = batch.select(idx)
             with autocast(cfg, model):
                 lp, ent = response_logprobs(model, mb, temperature=cfg.rollout.temperature or 1.0,
@@ -213,8 +221,9 @@ def score_old_policy(model, ref_model, batch: Rollout, cfg: Config, times: dict)
                 with autocast(cfg, ref_model):
                     refs.append(response_logprobs(ref_model, mb, temperature=cfg.rollout.temperature or 1.0,
                                                   chunk_size=cfg.train.logprob_chunk)[0])
-    batch.old_logprobs, batch.entropies = torch.cat(lps), torch.cat(ents)
-    batch.ref_logprobs = torch.cat(refs) if refs else None
+    order = torch.cat([i for mini in update_slices(len(batch), cfg) for i in mini]).argsort()
+    batch.old_logprobs, batch.entropies = torch.cat(lps)[order], torch.cat(ents)[order]
+    batch.ref_logprobs = torch.cat(refs)[order] if refs else None
 
 
 def accumulate_gradients(model, sub: Rollout, cfg: Config) -> dict:
@@ -282,8 +291,11 @@ def train_step(model, ref_model, opt, sched, tok, stream, cfg: Config, delims, e
     batch = collect(model, tok, stream, cfg, times, stats)
     dev = batch.response_ids.device
     with timer(times, "advantages"):
-        adv = ADVANTAGES[cfg.algo.advantage](batch.rewards.float(), batch.group.cpu())
-        batch.advantages = (adv * batch.in_policy).to(dev)  # echo-only rows never enter the policy loss
+        pol = batch.in_policy > 0  # echo-only rows never enter the policy loss nor its batch statistics
+        adv = torch.zeros(len(batch))
+        if pol.any():
+            adv[pol] = ADVANTAGES[cfg.algo.advantage](batch.rewards[pol].float(), batch.group.cpu()[pol])
+        batch.advantages = adv.to(dev)
         batch.in_policy = batch.in_policy.to(dev)
     score_old_policy(model, ref_model, batch, cfg, times)
     if cfg.echo.enabled:

@@ -247,3 +247,29 @@ def test_every_method_runs_a_training_step_with_echorl(model_dir, tmp_path, meth
     hist = train.train(cfg)
     assert len(hist) == 1 and all(v == v for k, v in hist[0].items() if isinstance(v, float))  # no NaN
     assert "echo/n_clips" in hist[0] and "time/echo_select" in hist[0]
+
+
+def test_dapo_step_with_only_degenerate_groups_trains_on_nothing_without_crashing(model_dir, tmp_path, monkeypatch):
+    """Every round all-fail: nothing survives dynamic sampling; the step still runs and changes nothing."""
+    cfg = small_cfg(model_dir, tmp_path, "algo.name=dapo", "echo.enabled=false", "algo.max_sampling_rounds=1",
+                    "algo.overlong_buffer=0")  # no length shaping: all-fail groups are truly constant
+    monkeypatch.setattr(train.reward, "score_batch", lambda texts, golds, **kw: [0.0] * len(texts))
+    torch.manual_seed(0)
+    model, tok = train.load_model(str(model_dir), cfg, "cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    stats, batch = train.train_step(model, None, opt, train.make_scheduler(opt, cfg), tok, train.train_stream(cfg),
+                                    cfg, train.delimiter_table(tok), [0, 2], torch.Generator().manual_seed(0))
+    assert len(batch) == 8 and batch.in_policy.sum() == 0 and stats["sampling_rounds"] == 2.0
+    assert stats["frac_degenerate"] == 1.0 and stats["grad_norm"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_old_logprobs_match_the_update_forward_exactly_with_several_mini_batches(model_dir, tmp_path):
+    cfg, model, batch = prepared_batch(model_dir, tmp_path, "train.mini_batches=3", "train.micro_batch_size=2")
+    model.train()
+    for mini in train.update_slices(len(batch), cfg):
+        for idx in mini:
+            mb = batch.select(idx)
+            logp, _ = train.response_logprobs(model, mb, temperature=1.0, chunk_size=cfg.train.logprob_chunk)
+            assert torch.equal(logp, mb.old_logprobs)
