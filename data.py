@@ -8,6 +8,7 @@ Benchmarks are looked up by name in `BENCHMARKS`; paths are relative to the data
 from __future__ import annotations
 
 import json
+import random
 import re
 import warnings
 from dataclasses import dataclass
@@ -334,3 +335,27 @@ def load_problems(path: str | Path, question_key: str | None = None,
     if len({p.id for p in problems}) < len(problems):  # ids must be unique for eval caching
         problems = [Problem(str(i), p.question, p.answer) for i, p in enumerate(problems)]
     return problems
+
+
+class ListStream:
+    """Shuffled passes over a fixed problem list; resumable."""
+
+    def __init__(self, problems, seed: int, shuffle: bool = True):
+        self.problems, self.seed, self.shuffle, self.pos = problems, seed, shuffle, 0
+
+    def next(self, n: int):
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.pos, len(self.problems))
+            order = list(range(len(self.problems)))
+            if self.shuffle:
+                random.Random(self.seed + epoch).shuffle(order)
+            out.append(self.problems[order[i]])
+            self.pos += 1
+        return out
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.pos = s["pos"]

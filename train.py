@@ -66,35 +66,11 @@ def load_model(path: str, cfg: Config, device: str):
     return model, tok
 
 
-class ListStream:
-    """Shuffled passes over a fixed problem list; resumable."""
-
-    def __init__(self, problems, seed: int, shuffle: bool = True):
-        self.problems, self.seed, self.shuffle, self.pos = problems, seed, shuffle, 0
-
-    def next(self, n: int):
-        out = []
-        for _ in range(n):
-            epoch, i = divmod(self.pos, len(self.problems))
-            order = list(range(len(self.problems)))
-            if self.shuffle:
-                random.Random(self.seed + epoch).shuffle(order)
-            out.append(self.problems[order[i]])
-            self.pos += 1
-        return out
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, s):
-        self.pos = s["pos"]
-
-
 def train_stream(cfg: Config):
     if cfg.data.train == "tiny":
         import tiny
         return tiny.ProblemStream(tiny_settings(cfg)[0], cfg.train.seed)
-    from data import load_problems
+    from data import ListStream, load_problems
     return ListStream(load_problems(cfg.data.train, cfg.data.question_key, cfg.data.answer_key),
                       cfg.train.seed, cfg.data.shuffle)
 
@@ -154,10 +130,10 @@ def collect(model, tok, stream, cfg: Config, times: dict, stats: dict) -> Rollou
     rounds = 1 + (cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 0)
     for r in range(rounds):
         batch = sample_groups(model, tok, stream.next(n_want if r == 0 else n_want - n_kept), cfg, times)
-        first = batch if r == 0 else first
         live = ~constant_groups(batch.rewards, G)                                   # [n_groups]
         g_correct = batch.correct.view(-1, G)
         if r == 0:
+            first = batch
             stats["frac_all_success"] = float(g_correct.all(-1).float().mean())
             stats["frac_all_fail"] = float((~g_correct).all(-1).float().mean())
             stats["frac_degenerate"] = float((~live).float().mean())
