@@ -257,6 +257,7 @@ def update(model, opt, sched, batch: Rollout, cfg: Config, times: dict) -> dict:
                 n_opt += 1
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + v
+        opt.zero_grad(set_to_none=True)  # no gradient buffers held through the next rollout
     out = {k: v / n_opt for k, v in sums.items()}
     out["clip_frac_low"], out["clip_frac_high"] = out.pop("clip_low"), out.pop("clip_high")
     return {**out, "lr": sched.get_last_lr()[0]}
@@ -264,6 +265,9 @@ def update(model, opt, sched, batch: Rollout, cfg: Config, times: dict) -> dict:
 
 def train_step(model, ref_model, opt, sched, tok, stream, cfg: Config, delims, eos, gen) -> tuple[dict, Rollout]:
     times, stats = {}, {}
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     batch = collect(model, tok, stream, cfg, times, stats)
     dev = batch.response_ids.device
     with timer(times, "advantages"):
@@ -293,6 +297,8 @@ def train_step(model, ref_model, opt, sched, tok, stream, cfg: Config, delims, e
         "batch_rows": float(len(batch)),
     })
     stats.update({f"time/{k}": v for k, v in times.items()})
+    if cuda:
+        stats["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     return stats, batch
 
 # ----------------------------------------------------------------------------------------
