@@ -342,15 +342,21 @@ class ListStream:
 
     def __init__(self, problems, seed: int, shuffle: bool = True):
         self.problems, self.seed, self.shuffle, self.pos = problems, seed, shuffle, 0
+        self._order = (-1, [])  # (epoch, permutation), rebuilt once per pass
+
+    def order(self, epoch: int) -> list[int]:
+        if self._order[0] != epoch:
+            perm = list(range(len(self.problems)))
+            if self.shuffle:
+                random.Random(self.seed + epoch).shuffle(perm)
+            self._order = (epoch, perm)
+        return self._order[1]
 
     def next(self, n: int):
         out = []
         for _ in range(n):
             epoch, i = divmod(self.pos, len(self.problems))
-            order = list(range(len(self.problems)))
-            if self.shuffle:
-                random.Random(self.seed + epoch).shuffle(order)
-            out.append(self.problems[order[i]])
+            out.append(self.problems[self.order(epoch)[i]])
             self.pos += 1
         return out
 

@@ -185,8 +185,9 @@ def score_old_policy(model, ref_model, batch: Rollout, cfg: Config, times: dict)
     update sees ratio == 1 exactly (method.md pitfall 3)."""
     model.eval()
     lps, ents, refs = [], [], []
+    slices = [i for mini in update_slices(len(batch), cfg) for i in mini]
     with timer(times, "old_logprobs"):
-        for idx in [i for mini in update_slices(len(batch), cfg) for i in mini]:
+        for idx in slices:
             mb = batch.select(idx)
             with autocast(cfg, model):
                 lp, ent = response_logprobs(model, mb, temperature=cfg.rollout.temperature or 1.0,
@@ -197,7 +198,7 @@ def score_old_policy(model, ref_model, batch: Rollout, cfg: Config, times: dict)
                 with autocast(cfg, ref_model):
                     refs.append(response_logprobs(ref_model, mb, temperature=cfg.rollout.temperature or 1.0,
                                                   chunk_size=cfg.train.logprob_chunk)[0])
-    order = torch.cat([i for mini in update_slices(len(batch), cfg) for i in mini]).argsort()
+    order = torch.cat(slices).argsort()
     batch.old_logprobs, batch.entropies = torch.cat(lps)[order], torch.cat(ents)[order]
     batch.ref_logprobs = torch.cat(refs)[order] if refs else None
 
@@ -335,6 +336,11 @@ def dump_rollouts(batch: Rollout, tok, path: Path) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def make_optimizer(model, cfg: Config):
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                             betas=tuple(cfg.train.betas))
+
+
 def make_scheduler(opt, cfg: Config):
     total = cfg.train.steps * cfg.train.ppo_epochs * cfg.train.mini_batches
     w = cfg.train.warmup_steps * cfg.train.ppo_epochs * cfg.train.mini_batches
@@ -387,8 +393,7 @@ def train(cfg: Config, resume: bool = False) -> list[dict]:
     ref_model = None
     if cfg.algo.kl_coef > 0:
         ref_model = load_model(base, cfg, cfg.train.device)[0].requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                            betas=tuple(cfg.train.betas))
+    opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg)
     stream = train_stream(cfg)
     gen = torch.Generator().manual_seed(cfg.train.seed)

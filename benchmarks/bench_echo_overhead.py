@@ -44,7 +44,7 @@ class Bench:
         self.cfg_off = copy.deepcopy(cfg)
         self.cfg_off.echo.enabled = False
         self.snap_model, self.snap_opt = snap_model, snap_opt
-        self.opt = make_opt(model, cfg)
+        self.opt = train.make_optimizer(model, cfg)
         self.delims = train.delimiter_table(tok, cfg.echo.delimiter)
         self.eos = train.eos_ids(tok, model)
         self.device = str(batch.response_ids.device.type)
@@ -85,11 +85,6 @@ class Bench:
         return pm.peak_mib, pm.total_mib
 
 
-def make_opt(model, cfg):
-    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                             betas=tuple(cfg.train.betas))
-
-
 def prepare(cfg, model_dir: str, device: str, hand: bool):
     """Model, tokenizer, one scored batch with old log-probs/entropies, and a mid-training snapshot:
     the initial weights with the Adam moments of one update (so runs do not allocate them)."""
@@ -107,7 +102,7 @@ def prepare(cfg, model_dir: str, device: str, hand: bool):
     batch.in_policy = batch.in_policy.to(dev)
     train.score_old_policy(model, None, batch, cfg, {})
     snap_model = copy.deepcopy(model.state_dict())
-    opt = make_opt(model, cfg)
+    opt = train.make_optimizer(model, cfg)
     off = copy.deepcopy(cfg)
     off.echo.enabled = False
     train.update(model, opt, train.make_scheduler(opt, cfg), batch, off, {})

@@ -64,8 +64,7 @@ def run_steps(model, tok, cfg, n: int, label: str) -> list[dict]:
         return hand_rewards(torch.arange(len(texts)) // G).float().tolist()
 
     reward.score_batch = fake_scores
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                            betas=tuple(cfg.train.betas))
+    opt = train.make_optimizer(model, cfg)
     sched = train.make_scheduler(opt, cfg)
     stream = train.train_stream(cfg)
     gen = torch.Generator().manual_seed(cfg.train.seed)

@@ -52,8 +52,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         path = str(random_model_dir(cfg, Path(tmp))) if args.quick else train.model_path(cfg)
         model, tok = train.load_model(path, cfg, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                            betas=tuple(cfg.train.betas))
+    opt = train.make_optimizer(model, cfg)
     sched = train.make_scheduler(opt, cfg)
     stream = train.train_stream(cfg)
     gen = torch.Generator().manual_seed(cfg.train.seed)
