@@ -199,7 +199,10 @@ def sft_batch(tokenizer, problems: list[Problem]) -> dict[str, torch.Tensor]:
 
 
 def _key(task: TaskConfig, size: ModelSize, ws: WarmStart, seed: int) -> str:
-    return json.dumps({"task": asdict(task), "size": asdict(size), "ws": asdict(ws), "seed": seed}, sort_keys=True)
+    # the vocabulary is part of the key: a changed tokenizer must not reuse a model trained on the old ids
+    vocab = hashlib.sha1(json.dumps(sorted(build_tokenizer().get_vocab().items())).encode()).hexdigest()[:12]
+    return json.dumps({"task": asdict(task), "size": asdict(size), "ws": asdict(ws), "seed": seed,
+                       "vocab": vocab}, sort_keys=True)
 
 
 def cache_path(task: TaskConfig, size: ModelSize, ws: WarmStart, cache_dir: str | Path = ".cache/tiny",

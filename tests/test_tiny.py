@@ -67,3 +67,18 @@ def test_tokenizer_round_trips_task_text_without_unknown_tokens():
         assert tok.decode(ids) == text
     # '\n' is one token of its own, so newline steps are visible to the step splitter
     assert tok("1\n2", add_special_tokens=False)["input_ids"][1] == tok.convert_tokens_to_ids("\n")
+
+
+def test_warm_start_cache_key_changes_with_the_tokenizer_vocabulary(monkeypatch):
+    args = (tiny.TaskConfig(), tiny.ModelSize(), tiny.WarmStart())
+    before = tiny.cache_path(*args)
+    assert tiny.cache_path(*args) == before  # deterministic
+    real = tiny.build_tokenizer
+
+    def with_extra_word():
+        tok = real()
+        tok.add_tokens(["zebra"])
+        return tok
+
+    monkeypatch.setattr(tiny, "build_tokenizer", with_extra_word)
+    assert tiny.cache_path(*args) != before  # a model trained on the old ids is not reused
