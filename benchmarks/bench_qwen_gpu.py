@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import ROOT, hand_rewards, machine, resolve_device, table  # noqa: E402
+from _common import ROOT, hand_rewards, machine, resolve_device, sync, table  # noqa: E402
 
 PHASES = ["generate", "score", "advantages", "old_logprobs", "echo_select", "update"]
 
@@ -73,8 +73,7 @@ def run_steps(model, tok, cfg, n: int, label: str) -> list[dict]:
     for i in range(n):
         t0 = time.perf_counter()
         m, batch = train.train_step(model, None, opt, sched, tok, stream, cfg, delims, eos, gen)
-        if batch.response_ids.is_cuda:
-            torch.cuda.synchronize()
+        sync(batch.response_ids.device.type)
         m["time/step"] = time.perf_counter() - t0
         m["gen_tokens"] = float(batch.response_mask.sum())
         m["tokens_per_s"] = m["gen_tokens"] / m["time/generate"]
