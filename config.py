@@ -122,6 +122,7 @@ class EvalConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["tiny"])
     data_dir: str = "../shared/data"
     every: int = 20                   # steps; 0 = only at the start and the end
+    at_start: bool = True             # evaluate the initial model before the first step
     n: int = 1
     temperature: float = 0.0          # 0 = greedy
     max_new_tokens: int = 48

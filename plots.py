@@ -226,6 +226,52 @@ def plot_curves(runs: dict[str, list[dict]], path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _smooth(y: list[float], w: int) -> list[float]:
+    """Trailing moving average over up to `w` points."""
+    return [sum(y[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(y))]
+
+
+def _seed_mean(seed_rows: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float]]:
+    """(steps, mean, std) of a metric over seeds, at the steps every seed logged it."""
+    per_seed = [dict(zip(*_series(rows, key))) for rows in seed_rows]
+    steps = sorted(set.intersection(*(set(d) for d in per_seed))) if per_seed else []
+    mean, std = [], []
+    for s in steps:
+        v = [d[s] for d in per_seed]
+        m = sum(v) / len(v)
+        mean.append(m)
+        std.append((sum((x - m) ** 2 for x in v) / max(1, len(v) - 1)) ** 0.5)
+    return steps, mean, std
+
+
+def plot_study(panels: dict[str, dict[str, list[list[dict]]]], acc_key: str, path, smooth: int = 5) -> None:
+    """A study's curves: one column per panel ({title: {label: [metrics rows of each seed]}}); top row
+    held-out accuracy (mean over seeds, band = ±1 std), bottom row the fraction of degenerate groups
+    (mean over seeds, moving average over `smooth` steps)."""
+    fig = _figure(figsize=(4.2 * len(panels) + 0.5, 7))
+    axes = fig.subplots(2, len(panels), sharex=True, squeeze=False)
+    for j, (title, runs) in enumerate(panels.items()):
+        top, bottom = axes[0, j], axes[1, j]
+        for i, (label, seeds) in enumerate(runs.items()):
+            c = f"C{i % 10}"
+            x, m, s = _seed_mean(seeds, acc_key)
+            top.plot(x, m, "-o", color=c, ms=4, lw=1.4, label=label)
+            top.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=c, alpha=0.15)
+            x, m, _ = _seed_mean(seeds, "frac_degenerate")
+            bottom.plot(x, _smooth(m, smooth), "-", color=c, lw=1.4, label=label)
+        top.set_title(title, fontsize=10)
+        top.set_ylabel(f"held-out accuracy ({acc_key.split('/')[1]})" if j == 0 else "")
+        bottom.set_ylabel(f"degenerate groups (moving avg {smooth})" if j == 0 else "")
+        bottom.axhline(0.5, color="0.5", lw=0.8, ls=":")
+        bottom.set_ylim(0, 1)
+        bottom.set_xlabel("training step")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+        top.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def pick_rollout(run_dir, step: int | None = None, row: int | None = None) -> tuple[int, int, dict]:
     """(step, row, rollout) to profile; default: the first clipped rollout of the latest step with one."""
     run_dir = Path(run_dir)

@@ -172,11 +172,26 @@ def micro_batches(n: int, size: int) -> list[torch.Tensor]:
     return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def update_slices(n: int, cfg: Config) -> list[list[torch.Tensor]]:
+def mini_batch_rows(in_policy: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Row indices of the k mini-batches. Policy rows and echo-only rows (in_policy = 0, DAPO's
+    dropped all-success groups kept for EchoRL) are split separately, so each mini-batch holds the
+    same policy rows as with EchoRL off, plus its share of echo-only rows."""
+    pol = torch.nonzero(in_policy.cpu() > 0).squeeze(-1)
+    echo = torch.nonzero(in_policy.cpu() <= 0).squeeze(-1)
+    parts = [list(x.chunk(k)) if len(x) else [] for x in (pol, echo)]
+    minis = []
+    for j in range(k):
+        rows = [p[j] for p in parts if j < len(p)]
+        if rows:
+            minis.append(torch.cat(rows))
+    return minis
+
+
+def update_slices(in_policy: torch.Tensor, cfg: Config) -> list[list[torch.Tensor]]:
     """Row indices of each mini-batch's micro-batches, in update order. The old-policy pass uses
     the same slices, so the first update sees bit-identical log-probs (ratio == 1 exactly)."""
     return [[mini[idx] for idx in micro_batches(len(mini), cfg.train.micro_batch_size)]
-            for mini in torch.arange(n).chunk(cfg.train.mini_batches)]
+            for mini in mini_batch_rows(in_policy, cfg.train.mini_batches)]
 
 
 @torch.no_grad()
@@ -185,7 +200,7 @@ def score_old_policy(model, ref_model, batch: Rollout, cfg: Config, times: dict)
     update sees ratio == 1 exactly (method.md pitfall 3)."""
     model.eval()
     lps, ents, refs = [], [], []
-    slices = [i for mini in update_slices(len(batch), cfg) for i in mini]
+    slices = [i for mini in update_slices(batch.in_policy, cfg) for i in mini]
     with timer(times, "old_logprobs"):
         for idx in slices:
             mb = batch.select(idx)
@@ -249,7 +264,7 @@ def update(model, opt, sched, batch: Rollout, cfg: Config, times: dict) -> dict:
     sums, n_opt = {}, 0
     with timer(times, "update"):
         for _ in range(cfg.train.ppo_epochs):
-            for mini in torch.arange(len(batch)).chunk(cfg.train.mini_batches):
+            for mini in mini_batch_rows(batch.in_policy, cfg.train.mini_batches):
                 opt.zero_grad(set_to_none=True)
                 st = accumulate_gradients(model, batch.select(mini), cfg)
                 st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
@@ -406,7 +421,7 @@ def train(cfg: Config, resume: bool = False) -> list[dict]:
     eos = eos_ids(tok, model)
     heldout = eval_problems(cfg)
     history = []
-    if start == 0 and heldout:
+    if start == 0 and heldout and cfg.eval.at_start:
         m0 = run_eval(model, tok, heldout, cfg)
         print("eval before RL:", {k: round(v, 4) for k, v in m0.items()})
         logger.log(0, m0)

@@ -124,6 +124,15 @@ def test_plot_curves_writes_a_png_for_several_runs(tmp_path):
     assert path.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_plot_study_writes_a_png_with_one_column_per_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "study.png"
+    seeds = [metrics_rows(), metrics_rows()]
+    plots.plot_study({"GRPO": {"off": seeds, "on": seeds}, "DAPO": {"off": seeds, "on": seeds}},
+                     "eval/tiny/acc", path)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
 def test_command_line_writes_both_pngs_into_run_plots(tmp_path):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"

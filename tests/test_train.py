@@ -8,6 +8,7 @@ import torch
 
 import tiny
 import train
+from rollout import concat
 from config import ConfigError, load_config
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -268,8 +269,35 @@ def test_dapo_step_with_only_degenerate_groups_trains_on_nothing_without_crashin
 def test_old_logprobs_match_the_update_forward_exactly_with_several_mini_batches(model_dir, tmp_path):
     cfg, model, batch = prepared_batch(model_dir, tmp_path, "train.mini_batches=3", "train.micro_batch_size=2")
     model.train()
-    for mini in train.update_slices(len(batch), cfg):
+    for mini in train.update_slices(batch.in_policy, cfg):
         for idx in mini:
             mb = batch.select(idx)
             logp, _ = train.response_logprobs(model, mb, temperature=1.0, chunk_size=cfg.train.logprob_chunk)
             assert torch.equal(logp, mb.old_logprobs)
+
+
+def test_mini_batches_split_policy_rows_and_echo_only_rows_separately():
+    in_policy = torch.tensor([1.0] * 8 + [0.0] * 4)
+    minis = train.mini_batch_rows(in_policy, 2)
+    assert [m.tolist() for m in minis] == [[0, 1, 2, 3, 8, 9], [4, 5, 6, 7, 10, 11]]
+    assert [m.tolist() for m in train.mini_batch_rows(torch.ones(6), 3)] == [[0, 1], [2, 3], [4, 5]]
+    assert [m.tolist() for m in train.mini_batch_rows(torch.zeros(4), 2)] == [[0, 1], [2, 3]]
+
+
+def test_echo_only_rows_at_zero_coef_leave_the_update_unchanged(model_dir, tmp_path):
+    """DAPO + EchoRL appends dropped all-success groups (in_policy = 0). With coef 0 they must not
+    change the policy update: each mini-batch keeps the policy rows it has without them."""
+    states = []
+    for extra in (False, True):
+        cfg, model, batch = prepared_batch(model_dir, tmp_path, "echo.enabled=true", "echo.coef=0.0",
+                                           "train.mini_batches=2")
+        batch.in_policy = torch.ones(len(batch))
+        if extra:  # 4 echo-only copies of rows 4..7 (group 1: all correct), appended as collect does
+            echo = batch.select(torch.arange(4, 8))
+            echo.in_policy = torch.zeros(4)
+            batch = concat([batch, echo], 0)
+            batch.group = torch.arange(len(batch) // 4).repeat_interleave(4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        train.update(model, opt, train.make_scheduler(opt, cfg), batch, cfg, {})
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])
