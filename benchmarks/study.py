@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import tiny  # noqa: E402
 import train  # noqa: E402
 from config import load_config  # noqa: E402
 from _common import cpu_model  # noqa: E402
@@ -157,9 +158,11 @@ def main(argv=None):
     common = STUDY + args.overrides
     base = load_config(args.config, common)
     key = f"eval/{base.eval.benchmarks[0]}/acc"
+    cached = base.model.name_or_path != "tiny" or tiny.cache_path(*train.tiny_settings(base), base.tiny.cache_dir,
+                                                                   seed=0).joinpath("config.json").exists()
     t0 = time.perf_counter()
     train.model_path(base)  # build the shared warm start once, before any run
-    warm_s = time.perf_counter() - t0
+    warm = "from the cache" if cached else f"built in {(time.perf_counter() - t0) / 60:.1f} min"
     runs = plan(not args.no_ablations)
     rows, walls = {}, {}
     for seed in range(args.seeds):  # the warm start's accuracy: the same model for every run of a seed
@@ -179,8 +182,7 @@ def main(argv=None):
               f"{base.train.steps} steps of {base.rollout.prompts_per_step} prompts x {base.rollout.group_size}, "
               f"mean ± std over {args.seeds} seeds; warm start = {start_acc:.3f}. Equal training time: accuracy "
               f"interpolated between evaluations at the training time of the fastest run. Δ: paired by seed. "
-              f"Study wall time {study_s / 60:.1f} min ({len(walls)} runs, warm start "
-              f"{f'built in {warm_s / 60:.1f} min' if warm_s > 10 else 'from the cache'}) on {cpu_model()}, "
+              f"Study wall time {study_s / 60:.1f} min ({len(walls)} runs, warm start {warm}) on {cpu_model()}, "
               f"{base.train.threads or 'default'} threads. "
               f"Command: `python benchmarks/study.py --config {args.config} --seeds {args.seeds}"
               f"{''.join(' --set ' + o for o in args.overrides)}{' --no-ablations' if args.no_ablations else ''}`.")
