@@ -172,26 +172,29 @@ def micro_batches(n: int, size: int) -> list[torch.Tensor]:
     return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def mini_batch_rows(in_policy: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """Row indices of the k mini-batches. Policy rows and echo-only rows (in_policy = 0, DAPO's
-    dropped all-success groups kept for EchoRL) are split separately, so each mini-batch holds the
-    same policy rows as with EchoRL off, plus its share of echo-only rows."""
-    pol = torch.nonzero(in_policy.cpu() > 0).squeeze(-1)
-    echo = torch.nonzero(in_policy.cpu() <= 0).squeeze(-1)
-    parts = [list(x.chunk(k)) if len(x) else [] for x in (pol, echo)]
-    minis = []
-    for j in range(k):
-        rows = [p[j] for p in parts if j < len(p)]
-        if rows:
-            minis.append(torch.cat(rows))
-    return minis
+def mini_batch_rows(in_policy: torch.Tensor, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(policy rows, echo-only rows) of each of the k mini-batches. Echo-only rows (in_policy = 0:
+    DAPO's dropped all-success groups kept for EchoRL) are split apart from the policy rows, so
+    each mini-batch holds the same policy rows as with EchoRL off, plus its share of echo-only rows."""
+    ip = in_policy.cpu()
+    parts = [list(x.chunk(k)) if len(x) else [] for x in (torch.nonzero(ip > 0).squeeze(-1),
+                                                          torch.nonzero(ip <= 0).squeeze(-1))]
+    none = torch.zeros(0, dtype=torch.long)
+    minis = [tuple(p[j] if j < len(p) else none for p in parts) for j in range(k)]
+    return [(pol, echo) for pol, echo in minis if len(pol) + len(echo)]
 
 
-def update_slices(in_policy: torch.Tensor, cfg: Config) -> list[list[torch.Tensor]]:
-    """Row indices of each mini-batch's micro-batches, in update order. The old-policy pass uses
-    the same slices, so the first update sees bit-identical log-probs (ratio == 1 exactly)."""
-    return [[mini[idx] for idx in micro_batches(len(mini), cfg.train.micro_batch_size)]
-            for mini in mini_batch_rows(in_policy, cfg.train.mini_batches)]
+def update_slices(in_policy: torch.Tensor, cfg: Config, keep: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
+    """Row indices of each mini-batch's micro-batches, in update order: the policy rows' micro-batches,
+    then the echo-only rows'. The old-policy pass uses the same slices, so the first update sees
+    bit-identical log-probs (ratio == 1 exactly). `keep` (bool [B]): the echo-only rows worth a
+    forward in the update, those holding clip tokens (the others feed neither loss)."""
+    size, out = cfg.train.micro_batch_size, []
+    for pol, echo in mini_batch_rows(in_policy, cfg.train.mini_batches):
+        if keep is not None:
+            echo = echo[keep.cpu()[echo]]
+        out.append([pol[i] for i in micro_batches(len(pol), size)] + [echo[i] for i in micro_batches(len(echo), size)])
+    return out
 
 
 @torch.no_grad()
@@ -218,21 +221,25 @@ def score_old_policy(model, ref_model, batch: Rollout, cfg: Config, times: dict)
     batch.ref_logprobs = torch.cat(refs)[order] if refs else None
 
 
-def accumulate_gradients(model, sub: Rollout, cfg: Config) -> dict:
+def accumulate_gradients(model, sub: Rollout, cfg: Config, slices: list[torch.Tensor] | None = None) -> dict:
     """Backward the combined loss of one mini-batch, micro-batch by micro-batch (grads accumulate).
 
+    The mini-batch is the rows `slices` of `sub` (its micro-batches), by default all of `sub`.
     L = policy loss (+ kl_coef * KL) (- entropy_coef * entropy) (+ EchoRL clip-SFT loss).
     Normalisers are per mini-batch (Norm, clip-token count), so the gradient does not depend on
     the micro-batch size (method.md pitfall 4). The echo term reuses this forward's log-probs: no extra pass.
     """
     a, T = cfg.algo, cfg.rollout.temperature or 1.0
-    pg_mask = sub.response_mask * sub.in_policy[:, None].to(sub.response_mask)           # [b, R]
-    norm = Norm.of(pg_mask, cfg.rollout.max_new_tokens)
+    if slices is None:
+        slices = micro_batches(len(sub), cfg.train.micro_batch_size)
+    rows = torch.cat(slices) if slices else torch.zeros(0, dtype=torch.long)
+    pg_mask = sub.response_mask * sub.in_policy[:, None].to(sub.response_mask)           # [B, R]
+    norm = Norm.of(pg_mask[rows.to(pg_mask.device)], cfg.rollout.max_new_tokens)
     echo_on = cfg.echo.enabled and sub.clip_mask is not None
-    n_clip = float(sub.clip_mask.sum()) if echo_on else 0.0
+    n_clip = float(sub.clip_mask[rows.to(sub.clip_mask.device)].sum()) if echo_on else 0.0
     st = {"loss_pg": 0.0, "loss_echo": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0}
-    for idx in micro_batches(len(sub), cfg.train.micro_batch_size):
-        mb, m = sub.select(idx), pg_mask[idx]
+    for idx in slices:
+        mb, m = sub.select(idx), pg_mask[idx.to(pg_mask.device)]
         with autocast(cfg, model):
             logp, ent = response_logprobs(model, mb, temperature=T, chunk_size=cfg.train.logprob_chunk,
                                           with_entropy=a.entropy_coef > 0)
@@ -262,11 +269,14 @@ def update(model, opt, sched, batch: Rollout, cfg: Config, times: dict) -> dict:
     """ppo_epochs x mini_batches optimizer steps over the batch, each with grad clipping."""
     model.train()
     sums, n_opt = {}, 0
+    keep = None
+    if cfg.echo.enabled and batch.clip_mask is not None:  # echo-only rows without a clip feed neither loss
+        keep = (batch.in_policy > 0) | (batch.clip_mask.sum(-1) > 0)
     with timer(times, "update"):
         for _ in range(cfg.train.ppo_epochs):
-            for mini in mini_batch_rows(batch.in_policy, cfg.train.mini_batches):
+            for slices in update_slices(batch.in_policy, cfg, keep):
                 opt.zero_grad(set_to_none=True)
-                st = accumulate_gradients(model, batch.select(mini), cfg)
+                st = accumulate_gradients(model, batch, cfg, slices)
                 st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
                 opt.step()
                 sched.step()

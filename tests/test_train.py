@@ -276,12 +276,21 @@ def test_old_logprobs_match_the_update_forward_exactly_with_several_mini_batches
             assert torch.equal(logp, mb.old_logprobs)
 
 
-def test_mini_batches_split_policy_rows_and_echo_only_rows_separately():
+def test_mini_batches_split_policy_rows_and_echo_only_rows_separately(tmp_path):
+    def rows(minis):
+        return [(p.tolist(), e.tolist()) for p, e in minis]
     in_policy = torch.tensor([1.0] * 8 + [0.0] * 4)
-    minis = train.mini_batch_rows(in_policy, 2)
-    assert [m.tolist() for m in minis] == [[0, 1, 2, 3, 8, 9], [4, 5, 6, 7, 10, 11]]
-    assert [m.tolist() for m in train.mini_batch_rows(torch.ones(6), 3)] == [[0, 1], [2, 3], [4, 5]]
-    assert [m.tolist() for m in train.mini_batch_rows(torch.zeros(4), 2)] == [[0, 1], [2, 3]]
+    assert rows(train.mini_batch_rows(in_policy, 2)) == [([0, 1, 2, 3], [8, 9]), ([4, 5, 6, 7], [10, 11])]
+    assert rows(train.mini_batch_rows(torch.ones(6), 3)) == [([0, 1], []), ([2, 3], []), ([4, 5], [])]
+    assert rows(train.mini_batch_rows(torch.zeros(4), 2)) == [([], [0, 1]), ([], [2, 3])]
+    # micro-batches of 3: policy rows and echo-only rows never share one; `keep` drops echo-only
+    # rows without a clip from the update (row 10 is the only one with a clip)
+    cfg = load_config(None, ["train.mini_batches=2", "train.micro_batch_size=3"])
+    keep = torch.tensor([True] * 8 + [False, False, True, False])
+    assert [[i.tolist() for i in mini] for mini in train.update_slices(in_policy, cfg)] == \
+        [[[0, 1, 2], [3], [8, 9]], [[4, 5, 6], [7], [10, 11]]]
+    assert [[i.tolist() for i in mini] for mini in train.update_slices(in_policy, cfg, keep)] == \
+        [[[0, 1, 2], [3]], [[4, 5, 6], [7], [10]]]
 
 
 def test_echo_only_rows_at_zero_coef_leave_the_update_unchanged(model_dir, tmp_path):
