@@ -13,8 +13,8 @@ so that more than half of the groups are degenerate within the budget, the regim
 The step-0 accuracy is the warm start's, measured once per seed.
 
 Writes OUT/results.md (the table), OUT/results.json, OUT/curves.png, OUT/curves_ablations.png
-and one run folder per run. Runs already finished are reused, so an interrupted study continues
-where it stopped; the wall time reported is the sum of the runs' own wall times.
+and one run folder per run. Runs that finished with the same config are reused, so an interrupted
+study continues where it stopped; the wall time reported is the sum of the runs' own wall times.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tiny  # noqa: E402
 import train  # noqa: E402
-from config import load_config  # noqa: E402
+from config import load_config, to_dict  # noqa: E402
 from _common import cpu_model  # noqa: E402
 
 STUDY = ["tiny.max_ops=2", "tiny.sft_steps=1000", "rollout.prompts_per_step=16", "train.steps=32",
@@ -58,13 +58,16 @@ def plan(ablations: bool) -> dict[str, list[str]]:
 
 
 def run_one(config: str, overrides: list[str], out: Path) -> tuple[list[dict], float]:
-    """Train one run into `out` (or reuse it if it finished); returns its metrics rows and wall seconds."""
+    """Train one run into `out`, or reuse it if it finished with the same config; returns its
+    metrics rows and wall seconds."""
     cfg = load_config(config, overrides + [f"train.out_dir={out}", "train.save_every=0", "log.log_rollouts_every=0"])
-    metrics, wall_file = out / "metrics.jsonl", out / "wall_s"
-    if metrics.exists() and wall_file.exists():
+    metrics, wall_file, saved = out / "metrics.jsonl", out / "wall_s", out / "config.json"
+    if metrics.exists() and wall_file.exists() and saved.exists() \
+            and json.loads(saved.read_text()) == json.loads(json.dumps(to_dict(cfg))):
         rows = [json.loads(l) for l in metrics.read_text().splitlines() if l]
         if rows and rows[-1]["step"] == cfg.train.steps:
             return rows, float(wall_file.read_text())
+    wall_file.unlink(missing_ok=True)
     t0 = time.perf_counter()
     train.train(cfg)
     wall = time.perf_counter() - t0
@@ -165,10 +168,15 @@ def main(argv=None):
     warm = "from the cache" if cached else f"built in {(time.perf_counter() - t0) / 60:.1f} min"
     runs = plan(not args.no_ablations)
     rows, walls = {}, {}
+    n_runs, done = args.seeds * (len(runs) + 1), 0
     for seed in range(args.seeds):  # the warm start's accuracy: the same model for every run of a seed
+        print(f"[study {done + 1}/{n_runs}] warm start eval, seed {seed}")
+        done += 1
         start, walls[("start", seed)] = run_one(args.config, common + [f"train.seed={seed}", "train.steps=0",
                                                 "eval.at_start=true"], out / "start" / f"seed{seed}")
         for name, ov in runs.items():
+            print(f"[study {done + 1}/{n_runs}] {name}, seed {seed}")
+            done += 1
             r, walls[(name, seed)] = run_one(args.config, common + ov + [f"train.seed={seed}", "eval.at_start=false"],
                                              out / name.replace(" ", "_") / f"seed{seed}")
             rows[(name, seed)] = start + r

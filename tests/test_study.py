@@ -1,4 +1,5 @@
 """benchmarks/study.py: accuracy at equal training time, the verdict on each Δ, the table, the plan."""
+import json
 import math
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import study  # noqa: E402
 
 KEY = "eval/tiny/acc"
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 # warm start 0.5; training clock 4 s at step 2 (acc 0.7), 10 s at step 4 (acc 0.6)
 ROWS = [{"step": 0, KEY: 0.5},
         {"step": 1, "time/step": 2.0, "frac_degenerate": 0.25, "frac_all_success": 0.25},
@@ -78,3 +80,26 @@ def test_seed_mean_uses_the_steps_every_seed_logged():
     steps, mean, std = plots._seed_mean([a, b], KEY)
     assert steps == [0, 5] and mean == pytest.approx([0.5, 0.7]) and std == pytest.approx([2 ** 0.5 * 0.1] * 2)
     assert plots._smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_a_finished_run_is_reused_only_with_the_same_config(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(cfg):  # writes what train.train writes: config.json and one metrics row per step
+        calls.append(cfg.train.seed)
+        out = Path(cfg.train.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(study.to_dict(cfg)))
+        (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, cfg.train.steps + 1)))
+
+    monkeypatch.setattr(study.train, "train", fake_train)
+    ov = ["train.steps=3", "train.seed=1"]
+    rows, _ = study.run_one(CONFIG, ov, tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3] and calls == [1]
+    study.run_one(CONFIG, ov, tmp_path / "run")
+    assert calls == [1]                                                   # same config: reused
+    study.run_one(CONFIG, ["train.steps=3", "train.seed=2"], tmp_path / "run")
+    assert calls == [1, 2]                                                # changed config: run again
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    study.run_one(CONFIG, ["train.steps=3", "train.seed=2"], tmp_path / "run")
+    assert calls == [1, 2, 2]                                             # unfinished: run again
