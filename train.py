@@ -177,11 +177,12 @@ def mini_batch_rows(in_policy: torch.Tensor, k: int) -> list[tuple[torch.Tensor,
     DAPO's dropped all-success groups kept for EchoRL) are split apart from the policy rows, so
     each mini-batch holds the same policy rows as with EchoRL off, plus its share of echo-only rows."""
     ip = in_policy.cpu()
-    parts = [list(x.chunk(k)) if len(x) else [] for x in (torch.nonzero(ip > 0).squeeze(-1),
-                                                          torch.nonzero(ip <= 0).squeeze(-1))]
-    none = torch.zeros(0, dtype=torch.long)
-    minis = [tuple(p[j] if j < len(p) else none for p in parts) for j in range(k)]
-    return [(pol, echo) for pol, echo in minis if len(pol) + len(echo)]
+    pol, echo = torch.nonzero(ip > 0).squeeze(-1), torch.nonzero(ip <= 0).squeeze(-1)
+    pol = list(pol.chunk(k)) if len(pol) else [pol]          # chunk may give fewer than k pieces
+    echo = echo.tensor_split(len(pol) if len(pol[0]) else k)  # as many pieces: no echo-only extra step
+    if not len(pol[0]):
+        pol = pol * len(echo)
+    return [(p, e) for p, e in zip(pol, echo) if len(p) + len(e)]
 
 
 def update_slices(in_policy: torch.Tensor, cfg: Config, keep: torch.Tensor | None = None) -> list[list[torch.Tensor]]:

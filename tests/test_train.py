@@ -283,6 +283,9 @@ def test_mini_batches_split_policy_rows_and_echo_only_rows_separately(tmp_path):
     assert rows(train.mini_batch_rows(in_policy, 2)) == [([0, 1, 2, 3], [8, 9]), ([4, 5, 6, 7], [10, 11])]
     assert rows(train.mini_batch_rows(torch.ones(6), 3)) == [([0, 1], []), ([2, 3], []), ([4, 5], [])]
     assert rows(train.mini_batch_rows(torch.zeros(4), 2)) == [([], [0, 1]), ([], [2, 3])]
+    # 4 policy rows in 3 mini-batches: chunk gives 2 pieces; the echo-only rows follow them, no third step
+    assert rows(train.mini_batch_rows(torch.tensor([1.0] * 4 + [0.0] * 6), 3)) == \
+        [([0, 1], [4, 5, 6]), ([2, 3], [7, 8, 9])]
     # micro-batches of 3: policy rows and echo-only rows never share one; `keep` drops echo-only
     # rows without a clip from the update (row 10 is the only one with a clip)
     cfg = load_config(None, ["train.mini_batches=2", "train.micro_batch_size=3"])
