@@ -1,8 +1,15 @@
 """One typed config: dataclasses with defaults, loaded from YAML, overridden by `--set a.b=value`.
 
-Validation happens on load: an unknown key, a wrong type or a value outside a `Literal` gives
-an error that names the key and what is allowed. Nothing reads a global; functions get the
-parts of the config they need.
+The defaults ARE the embedded experiment (configs/tiny.yaml names only the model and the data); a
+config for another model overrides what differs (configs/qwen1.5b.yaml). Each default lives in one
+place: here, or in the dataclass of the module that owns the section (`echo` in echorl.py, `tiny` in
+tiny.py).
+
+Validation happens on load, before any work: an unknown key, a wrong type, a value outside a
+`Literal` or outside a registry (the tables of losses.py: methods, advantages, policy losses,
+aggregations) gives an error that names the key and what is allowed. Functions get the config
+sections they need as arguments; the only module state the loop reads is reward.py's counter of
+verifier bound hits (for logging) and its fixed bounds.
 """
 from __future__ import annotations
 
@@ -15,53 +22,43 @@ from typing import Literal
 import yaml
 
 from echorl import EchoConfig
-from losses import AGGREGATIONS, PRESETS
+from losses import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, PRESETS
+from tiny import TinyConfig
+
+
+def choice(default, registry: dict | tuple, doc: str = ""):
+    """A string key whose allowed values are the keys of a registry (the source of truth)."""
+    return field(default=default, metadata={"choices": registry, "doc": doc})
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = "tiny"        # "tiny": the embedded warm-started model; else an HF id or a local dir
+    name_or_path: str | None = None   # required: "tiny" (the embedded warm-started model), an HF id or a local dir
+    init: Literal["pretrained", "random"] = "pretrained"  # random: name_or_path's architecture, random weights
+    config_overrides: dict = field(default_factory=dict)  # set on the HF config before building, e.g. {num_hidden_layers: 2}
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"       # weights (and optimizer states)
     autocast: Literal["none", "bfloat16", "float16"] = "none"         # mixed precision for every forward
     gradient_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
-
-
-@dataclass
-class TinyConfig:
-    """The embedded task (tiny.py): difficulty, model size and the warm start."""
-    min_ops: int = 1
-    max_ops: int = 4
-    max_value: int = 20
-    max_operand: int = 9
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 512
-    sft_steps: int = 300
-    sft_lr: float = 5e-3
-    sft_batch_size: int = 64
-    sft_habit: float = 0.5            # share of multi-step SFT solutions that box the first intermediate result
-    cache_dir: str = ".cache/tiny"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
 @dataclass
 class DataConfig:
-    train: str = "tiny"               # "tiny" or a .jsonl/.json file of problems (see data.load_problems)
+    train: str | None = None          # required: "tiny" (tiny.py's task) or a .jsonl/.json file of problems
     question_key: str | None = None   # None: detected from the file
     answer_key: str | None = None
     template: Literal["chat", "plain"] = "chat"
     system_prompt: str | None = None
     shuffle: bool = True
+    max_question_chars: int = 16000   # a longer question stops the load with its file and line (3x MATH's longest)
 
 
 @dataclass
 class RolloutConfig:
     group_size: int = 8               # G
-    prompts_per_step: int = 16
+    prompts_per_step: int = 32
     max_new_tokens: int = 48
-    temperature: float = 1.0
+    temperature: float = 1.0          # > 0: greedy rollouts would make every group degenerate
     top_p: float = 1.0
     gen_batch_size: int = 0           # sequences per generate call; 0 = all at once
 
@@ -69,17 +66,17 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     truncated: Literal["zero", "score"] = "zero"   # a response cut at the length limit scores 0, or is verified
-    format_reward: float = 0.0
+    format_reward: float = 0.0        # reward of a wrong answer that is at least boxed (shaping); 0 = off
     workers: int = 1                  # verifier processes for score_batch (1 = in-process); 0 = all cores
 
 
 @dataclass
 class AlgoConfig:
-    """`name` picks a preset of losses.PRESETS; any key set here overrides the preset."""
-    name: Literal["grpo", "dapo", "drgrpo", "rloo", "reinforce_pp", "gspo"] = "grpo"
-    advantage: Literal["grpo", "drgrpo", "rloo", "reinforce_pp_baseline"] | None = None
-    policy_loss: Literal["ppo_clip", "gspo"] | None = None
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = None
+    """`name` picks a row of losses.PRESETS; any key set here overrides the preset."""
+    name: str = choice("grpo", PRESETS)
+    advantage: str | None = choice(None, ADVANTAGES)
+    policy_loss: str | None = choice(None, POLICY_LOSSES)
+    aggregation: str | None = choice(None, AGGREGATIONS)
     eps_low: float | None = None
     eps_high: float | None = None
     dual_clip: float | None = None    # c > 1, e.g. 3.0; None = off
@@ -106,11 +103,11 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     ppo_epochs: int = 1
-    mini_batches: int = 1             # optimizer steps per epoch
-    micro_batch_size: int = 32        # sequences per forward/backward
+    mini_batches: int = 2             # optimizer steps per epoch
+    micro_batch_size: int = 64        # sequences per forward/backward
     logprob_chunk: int = 1024         # tokens per chunk of the LM head + log-softmax
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"              # auto: cuda if visible, else cpu; "cuda" without a GPU stops at load
     threads: int = 0                  # torch CPU threads; 0 = torch default
     out_dir: str = "runs/tiny"
     save_every: int = 20
@@ -123,11 +120,11 @@ class EvalConfig:
     data_dir: str = "../shared/data"
     every: int = 20                   # steps; 0 = only at the start and the end
     at_start: bool = True             # evaluate the initial model before the first step
-    n: int = 1
-    temperature: float = 0.0          # 0 = greedy
-    max_new_tokens: int = 48
+    n: int = 4                        # samples per problem (avg@n)
+    temperature: float = 1.0          # 0 = greedy (n is then 1)
+    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
     limit: int = 200                  # problems per benchmark; 0 = all
-    batch_size: int = 256
+    batch_size: int = 256             # sequences per generate call
 
 
 @dataclass
@@ -182,7 +179,13 @@ def _coerce(value, tp, key: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         inner = args[0] if args else str
+        if origin is tuple and args and len(value) != len(args):
+            raise ConfigError(f"config key '{key}': expected {len(args)} values, got {value!r}")
         return origin(_coerce(v, inner, key) for v in value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -209,16 +212,20 @@ def _coerce(value, tp, key: str):
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix or 'top level'}' must be a mapping, got {data!r}")
+        raise ConfigError(f"config section '{prefix[:-1] or 'top level'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if k not in names:
-            raise ConfigError(f"unknown config key '{key}'; allowed keys{' in ' + prefix[:-1] if prefix else ''}: {names}")
+        if k not in fields:
+            raise ConfigError(f"unknown config key '{key}'; allowed keys{' in ' + prefix[:-1] if prefix else ''}: "
+                              f"{list(fields)}")
         tp = hints[k]
         kwargs[k] = _build(tp, v, key + ".") if dataclasses.is_dataclass(tp) else _coerce(v, tp, key)
+        registry = fields[k].metadata.get("choices")
+        if registry is not None and kwargs[k] is not None and kwargs[k] not in registry:
+            raise ConfigError(f"config key '{key}': {kwargs[k]!r} is not allowed; allowed values: {list(registry)}")
     return cls(**kwargs)
 
 
@@ -231,47 +238,109 @@ def _set(tree: dict, dotted: str, value) -> None:
     tree[last] = value
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A config file as a mapping; every problem is named with the file (and line, column)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p}:{where}: YAML error: {getattr(e, 'problem', None) or e}") from None
+    if tree is None:
+        raise ConfigError(f"config file {p} is empty: a config names at least the model and the data "
+                          f"(see configs/tiny.yaml)")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections (model:, data:, ...), "
+                          f"got a {type(tree).__name__}")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """YAML file (optional) + `a.b=value` overrides (values parsed as YAML) -> validated Config."""
-    tree = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
-        tree = yaml.safe_load(p.read_text()) or {}
+    tree = read_yaml(path) if path is not None else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        _set(tree, k.strip(), yaml.safe_load(v) if v.strip() else "")
+        try:
+            value = yaml.safe_load(v) if v.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+        _set(tree, k.strip(), value)
+    return from_dict(tree)
+
+
+def from_dict(tree: dict) -> Config:
+    """A validated Config from a mapping (a parsed YAML file, or a run's saved config.json)."""
     cfg = _build(Config, tree, "")
     cfg.algo = cfg.algo.resolved()
-    _check(cfg)
+    check(cfg)
     return cfg
 
 
-def _check(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
+def check(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express; all run before any work."""
+    for key in ("model.name_or_path", "data.train"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) in (None, ""):
+            raise ConfigError(f"config key '{key}' is required: 'tiny' for the embedded "
+                              f"{'model' if section == 'model' else 'task'}, or "
+                              f"{'an HF id or a local model folder' if section == 'model' else 'a .jsonl/.json file'}")
     positive = {"rollout.group_size": cfg.rollout.group_size, "rollout.prompts_per_step": cfg.rollout.prompts_per_step,
                 "rollout.max_new_tokens": cfg.rollout.max_new_tokens, "train.micro_batch_size": cfg.train.micro_batch_size,
                 "train.ppo_epochs": cfg.train.ppo_epochs, "train.mini_batches": cfg.train.mini_batches,
-                "train.logprob_chunk": cfg.train.logprob_chunk}
+                "train.logprob_chunk": cfg.train.logprob_chunk, "train.steps": cfg.train.steps,
+                "eval.n": cfg.eval.n, "eval.batch_size": cfg.eval.batch_size,
+                "data.max_question_chars": cfg.data.max_question_chars}
     for k, v in positive.items():
         if v <= 0:
             raise ConfigError(f"config key '{k}' must be > 0, got {v}")
+    nonneg = {"train.save_every": cfg.train.save_every, "train.warmup_steps": cfg.train.warmup_steps,
+              "eval.every": cfg.eval.every, "eval.limit": cfg.eval.limit, "log.log_rollouts_every":
+              cfg.log.log_rollouts_every, "algo.max_sampling_rounds": cfg.algo.max_sampling_rounds,
+              "reward.workers": cfg.reward.workers, "train.threads": cfg.train.threads,
+              "rollout.gen_batch_size": cfg.rollout.gen_batch_size, "algo.kl_coef": cfg.algo.kl_coef,
+              "algo.entropy_coef": cfg.algo.entropy_coef, "echo.coef": cfg.echo.coef,
+              "train.keep_checkpoints": cfg.train.keep_checkpoints}
+    for k, v in nonneg.items():
+        if v < 0:
+            raise ConfigError(f"config key '{k}' must be >= 0, got {v}")
     if cfg.rollout.group_size < 2:
         raise ConfigError("config key 'rollout.group_size' must be >= 2 for group-relative advantages")
+    if cfg.rollout.temperature == 0:
+        raise ConfigError("config key 'rollout.temperature' is 0 (greedy): all G samples of a prompt would be "
+                          "identical, every group degenerate and the policy loss 0 for the whole run; train with a "
+                          "temperature > 0 (greedy decoding belongs in evaluation: eval.temperature=0)")
     if cfg.rollout.temperature < 0 or not 0 < cfg.rollout.top_p <= 1:
-        raise ConfigError("rollout.temperature must be >= 0 and rollout.top_p in (0, 1]")
+        raise ConfigError("rollout.temperature must be > 0 and rollout.top_p in (0, 1]")
+    if cfg.eval.temperature < 0:
+        raise ConfigError(f"config key 'eval.temperature' must be >= 0, got {cfg.eval.temperature}")
+    if cfg.eval.max_new_tokens is not None and cfg.eval.max_new_tokens <= 0:
+        raise ConfigError(f"config key 'eval.max_new_tokens' must be > 0 (or null), got {cfg.eval.max_new_tokens}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be > 0, got {cfg.train.lr}")
-    if cfg.algo.aggregation not in AGGREGATIONS:
-        raise ConfigError(f"config key 'algo.aggregation' must be one of {AGGREGATIONS}")
     if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1:
         raise ConfigError(f"config key 'algo.dual_clip' must be > 1 (or null), got {cfg.algo.dual_clip}")
-    if cfg.echo.coef < 0:
-        raise ConfigError(f"config key 'echo.coef' must be >= 0, got {cfg.echo.coef}")
+    if cfg.algo.eps_low < 0 or cfg.algo.eps_high < 0:
+        raise ConfigError("config keys 'algo.eps_low' and 'algo.eps_high' must be >= 0")
 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (as saved in a run's config.json)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and k not in ("config_overrides",):
+            out += diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out

@@ -23,8 +23,15 @@ class Problem:
     answer: str  # gold final answer, e.g. "\\frac{14}{3}" or "18"
 
 
+class DataError(ValueError):
+    """A data file that cannot be read as problems; the message names the file (and line or element)."""
+
+
 class _BadRow(Exception):
-    """A row that cannot be turned into a Problem; re-raised as ValueError with file and line."""
+    """A row that cannot be turned into a Problem; re-raised as DataError with file and line."""
+
+
+MAX_QUESTION_CHARS = 16000  # default bound on a question's length (3x the longest in ../shared/data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,9 +205,10 @@ def register_benchmark(name: str, loader: FileBenchmark | LoaderFn) -> None:
 # --- benchmarks built in code rather than read from a file are registered here --------------
 
 def _tiny_heldout(data_dir, limit: int | None) -> list[Problem]:
-    """The held-out split of tiny.py's procedural task at its default difficulty (configs/tiny.yaml)."""
+    """The held-out split of tiny.py's procedural task with the default task settings (configs/tiny.yaml);
+    eval.py takes a run's own settings from its saved config instead."""
     import tiny
-    return [Problem(p.id, p.question, p.answer) for p in tiny.make_split(tiny.TaskConfig(), limit or 200, "heldout")]
+    return tiny.heldout(tiny.TinyConfig(), limit)
 
 
 register_benchmark("tiny", _tiny_heldout)
@@ -214,30 +222,38 @@ def _read_rows(path: Path) -> Iterator[tuple[str, int, dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix == ".json":
+        raw = path.read_bytes()
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{path}: line {line}: not UTF-8 text ({e.reason})") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: bad JSON at line {e.lineno}: {e.msg}") from None
+            raise DataError(f"{path}: bad JSON at line {e.lineno}: {e.msg}") from None
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
+            raise DataError(f"{path}: expected a JSON array of objects, got {type(rows).__name__}")
         located = ((f"{path}: element {i}", row) for i, row in enumerate(rows))
     else:
         located = _jsonl_rows(path)
     for index, (where, row) in enumerate(located):
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         yield where, index, row
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
                 yield f"{path}: line {lineno}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno}: bad JSON: {e.msg}") from None
+                raise DataError(f"{path}: line {lineno}: bad JSON: {e.msg}") from None
 
 
 def _first_value(row: dict, keys: str | tuple[str, ...]) -> Any:
@@ -248,7 +264,8 @@ def _first_value(row: dict, keys: str | tuple[str, ...]) -> Any:
     return next((row[k] for k in keys if row[k] not in (None, "")), row[keys[-1]])
 
 
-def _load_file(path: Path, spec: FileBenchmark, limit: int | None) -> list[Problem]:
+def _load_file(path: Path, spec: FileBenchmark, limit: int | None,
+               max_question_chars: int = MAX_QUESTION_CHARS) -> list[Problem]:
     problems: list[Problem] = []
     unlabeled: list[str] = []
     for where, index, row in _read_rows(path):
@@ -259,16 +276,19 @@ def _load_file(path: Path, spec: FileBenchmark, limit: int | None) -> list[Probl
             raw = _first_value(row, spec.answer_key)
             answer = None if raw is None else spec.answer(raw)
         except KeyError as e:
-            raise ValueError(f"{where}: missing field {e.args[0]!r}") from None
+            raise DataError(f"{where}: missing field {e.args[0]!r}") from None
         except (_BadRow, IndexError, TypeError, AttributeError) as e:
-            raise ValueError(f"{where}: bad field {spec.answer_key!r}: {e}") from None
+            raise DataError(f"{where}: bad field {spec.answer_key!r}: {e}") from None
         if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"{where}: empty question")
+            raise DataError(f"{where}: empty question")
+        if len(question) > max_question_chars:
+            raise DataError(f"{where}: the question has {len(question):,} characters, over the bound of "
+                            f"{max_question_chars:,} (data.max_question_chars)")
         if not answer and spec.skip_unlabeled:
             unlabeled.append(where)
             continue
         if not answer:
-            raise ValueError(f"{where}: no gold answer in field {spec.answer_key!r} (null, empty, or "
+            raise DataError(f"{where}: no gold answer in field {spec.answer_key!r} (null, empty, or "
                              f"no final answer found in {str(raw)[:80]!r}); skip_unlabeled=True drops such rows")
         pid = str(row[spec.id_key]) if spec.id_key and spec.id_key in row else str(index)
         problems.append(Problem(pid, question.strip(), answer))
@@ -278,13 +298,14 @@ def _load_file(path: Path, spec: FileBenchmark, limit: int | None) -> list[Probl
     return problems
 
 
-def load_benchmark(name: str, data_dir: str | Path, limit: int | None = None) -> list[Problem]:
+def load_benchmark(name: str, data_dir: str | Path, limit: int | None = None,
+                   max_question_chars: int = MAX_QUESTION_CHARS) -> list[Problem]:
     """Problems of a registered benchmark, in file order; `limit` keeps the first `limit`."""
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
+        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
     loader = BENCHMARKS[name]
     if isinstance(loader, FileBenchmark):
-        return _load_file(Path(data_dir) / loader.path, loader, limit)
+        return _load_file(Path(data_dir) / loader.path, loader, limit, max_question_chars)
     return loader(Path(data_dir), limit)
 
 
@@ -299,12 +320,12 @@ ID_KEYS = ("unique_id", "id", "idx")
 def _first_row(path: Path) -> dict:
     for _, _, row in _read_rows(path):
         return row
-    raise ValueError(f"{path}: no rows")
+    raise DataError(f"{path}: no rows")
 
 
 def load_problems(path: str | Path, question_key: str | None = None,
                   answer_key: str | None = None, limit: int | None = None,
-                  skip_unlabeled: bool = True) -> list[Problem]:
+                  skip_unlabeled: bool = True, max_question_chars: int = MAX_QUESTION_CHARS) -> list[Problem]:
     """Problems from a .jsonl file or a .json array of objects.
 
     Keys are detected from the first row unless given. The answer may be a plain value, a GSM8K
@@ -322,16 +343,17 @@ def load_problems(path: str | Path, question_key: str | None = None,
             return given
         found = next((k for k in candidates if k in first), None)
         if found is None:
-            raise ValueError(f"{path}: no {what} field among {list(first)}; expected one of "
+            raise DataError(f"{path}: no {what} field among {list(first)}; expected one of "
                              f"{list(candidates)} (or pass {what}_key=...)")
         return found
 
     qk, ak = pick(question_key, QUESTION_KEYS, "question"), pick(answer_key, ANSWER_KEYS, "answer")
     id_key = next((k for k in ID_KEYS if k in first), None)
     render = _solution if ak == "solution" else _auto_answer  # a worked solution must hold a \boxed{}
-    problems = _load_file(path, FileBenchmark(str(path), _field(qk), ak, render, id_key, skip_unlabeled), limit)
+    problems = _load_file(path, FileBenchmark(str(path), _field(qk), ak, render, id_key, skip_unlabeled), limit,
+                          max_question_chars)
     if not problems and limit != 0:
-        raise ValueError(f"{path}: no row has a gold answer in field {ak!r}")
+        raise DataError(f"{path}: no row has a gold answer in field {ak!r}")
     if len({p.id for p in problems}) < len(problems):  # ids must be unique for eval caching
         problems = [Problem(str(i), p.question, p.answer) for i, p in enumerate(problems)]
     return problems

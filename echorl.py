@@ -9,7 +9,7 @@ entropies, the response mask); the loss reuses the training forward's log-probs.
 
 Everything here is a pure function of tensors so it can be called from a notebook:
 
-    sids = entropy.step_ids(response_ids, response_mask, entropy.delimiter_table(tok), eos_ids)
+    sids = entropy.step_ids(response_ids, response_mask, entropy.delimiter_table(tok), eos_ids, min_tokens=4)
     clip_mask, stats = select_clips(correct, group, response_mask, entropies, sids, EchoConfig())
     loss = policy_loss + echo_loss(logprobs, clip_mask, coef=0.001)
 """
@@ -32,6 +32,7 @@ class EchoConfig:
     select: Literal["peak", "random_step", "full", "lowest_entropy"] = "peak"
     scope: Literal["degenerate", "success"] = "degenerate"
     clips_per_group: Literal["1", "all"] = "1"
+    min_step_tokens: int = 4                 # a shorter step merges into the next (entropy.step_ids); 1 = plain split
     min_steps: int = 1                       # responses with fewer steps give no clip
     max_clip_tokens: int = 0                 # 0 = no bound
     keep_dropped_groups: bool = True         # DAPO: groups dropped by dynamic sampling still feed clips

@@ -105,6 +105,7 @@ def delimiter_table(tokenizer, mode: str = "newline") -> dict[str, torch.Tensor]
     newline: the token's text contains '\\n'.  punct_end: text ends with . ? or ! (optionally
     followed by whitespace); it ends a sentence only if the next token starts with whitespace
     or the response ends (so '3.5' is not split).  starts_space: text begins with whitespace.
+    blank: the text is whitespace only (not content: leading blanks join the first content step).
     """
     if mode not in ("newline", "sentence"):
         raise ValueError(f"unknown step delimiter {mode!r}; allowed: 'newline', 'sentence'")
@@ -118,17 +119,22 @@ def delimiter_table(tokenizer, mode: str = "newline") -> dict[str, torch.Tensor]
     punct_end = torch.tensor([bool(s) and s[-1] in ".?!" and i not in special for i, s in enumerate(stripped)])
     trailing_space = torch.tensor([t != s for t, s in zip(texts, stripped)])
     starts_space = torch.tensor([t[:1].isspace() for t in texts])
+    blank = torch.tensor([not t.strip() and i not in special for i, t in enumerate(texts)])
     return {"mode": mode, "newline": newline, "punct_end": punct_end & ~trailing_space,
-            "punct_space": punct_end & trailing_space, "starts_space": starts_space}
+            "punct_space": punct_end & trailing_space, "starts_space": starts_space, "blank": blank}
 
 
-def step_ids(response_ids: torch.Tensor, response_mask: torch.Tensor, table: dict, eos_ids: list[int]
-             ) -> torch.Tensor:
+def step_ids(response_ids: torch.Tensor, response_mask: torch.Tensor, table: dict, eos_ids: list[int],
+             min_tokens: int = 1) -> torch.Tensor:
     """Step index of every response token [B, R] (long; -1 on padding).
 
     A step ends at a delimiter token that is followed by content (a non-delimiter, non-EOS
     response token): runs of newlines stay in one step, and a final EOS belongs to the last
-    step, which runs to the end of the response.
+    step, which runs to the end of the response. Blank tokens before the first content token
+    (a response that opens with newlines or spaces) belong to the first content step, never to a
+    step of their own. A step of fewer than `min_tokens` tokens (a list marker "1." or an
+    abbreviation "e.g." in sentence mode, a "\\[" line in newline mode) is merged into the step
+    after it; the rule looks at the steps as split, so a run of short steps joins the next long one.
     """
     table = {k: (v.to(response_ids.device) if torch.is_tensor(v) else v) for k, v in table.items()}
     ids = response_ids.clamp_max(table["newline"].numel() - 1)
@@ -142,7 +148,13 @@ def step_ids(response_ids: torch.Tensor, response_mask: torch.Tensor, table: dic
     delim = delim & valid
     is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))
     nxt_content = nxt_valid & ~nxt(delim) & ~nxt(is_eos)
-    boundary = delim & nxt_content                                                 # [B, R]
+    seen_content = (valid & ~is_eos & ~table["blank"][ids]).long().cumsum(-1) > 0   # content at or before t
+    boundary = delim & nxt_content & seen_content                                  # [B, R]
+    if min_tokens > 1:
+        pos = torch.arange(boundary.shape[1], device=boundary.device).expand_as(boundary)
+        last = torch.where(boundary, pos, -1).cummax(-1).values                   # last boundary <= t
+        prev = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)  # last boundary < t
+        boundary = boundary & (pos - prev >= min_tokens)
     sid = boundary.long().cumsum(-1) - boundary.long()                            # steps before t
     return sid.masked_fill(~valid, -1)
 

@@ -1,15 +1,22 @@
 """Evaluate a model on math benchmarks: avg@n, pass@k, maj@n, response length, truncation rate.
 
-    python eval.py --model Qwen/Qwen2.5-Math-1.5B --benchmarks math500,gsm8k,aime24 --n 4 --k 1,4
+    python eval.py --model runs/tiny/checkpoints/step_000060            # a run's checkpoint, its own settings
+    python eval.py --model Qwen/Qwen2.5-Math-1.5B --config configs/qwen1.5b.yaml --benchmarks math500,aime24
 
-Generations go through rollout.py (the same sampler as training) and are cached per
-(model, benchmark, sampling settings) as JSONL in --out-dir, one line per finished problem, so an
-interrupted run resumes where it stopped (the remaining problems are then sampled from a fresh
-random stream, so sampled metrics match an uninterrupted run only up to sampling noise).
-train.py's periodic evaluation calls `evaluate()`.
+Settings (benchmarks, n, temperature, max new tokens, prompt template, system prompt, the tiny task)
+come from the command line, else from --config, else from the run's saved config.json when --model
+is a run checkpoint (so `--benchmarks tiny` scores the same problems as the run's in-loop eval),
+else from config.py's defaults. The script prints which.
+
+Generations go through rollout.py (the same sampler as training) and are cached as JSONL in
+--out-dir, one line per finished problem, under a name that holds the model's weight files (names,
+sizes, modification times) and every sampling setting: an interrupted run resumes where it stopped,
+and new weights at the same path are never scored from an old cache. The remaining problems of a
+resumed run are sampled from a fresh random stream, so sampled metrics match an uninterrupted run
+only up to sampling noise. train.py's periodic evaluation calls `evaluate()`.
 
 Temperature 0 means greedy decoding: every sample would be identical, so n is forced to 1
-(with a warning) and pass@k for k > 1 is dropped.
+(with a warning) and pass@k for k > 1 is refused.
 """
 from __future__ import annotations
 
@@ -30,7 +37,6 @@ import rollout
 from data import Problem
 
 DEFAULT_BENCHMARKS = "math500,gsm8k,aime24,amc23,minerva_math,olympiadbench"
-DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +150,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, n: int = 1, temperatu
              top_p: float = 1.0, max_new_tokens: int = 1024, template: str = "chat",
              system_prompt: str | None = None, batch_size: int | None = None,
              ks: tuple[int, ...] = (1,), cache_path: str | Path | None = None,
-             progress: bool = True, desc: str = "eval") -> dict:
+             progress: bool = True, desc: str = "eval", leave: bool = True) -> dict:
     """Sample n responses per problem and score them.
 
     Returns the metrics of `summarize` plus "records": [score_problem(...) per problem].
@@ -153,6 +159,8 @@ def evaluate(model, tokenizer, problems: list[Problem], *, n: int = 1, temperatu
     """
     if not problems:
         raise ValueError("evaluate: no problems")
+    if n < 1:
+        raise ValueError(f"evaluate: n must be >= 1, got {n}")
     if len({p.id for p in problems}) < len(problems):
         raise ValueError("evaluate: problem ids must be unique (they key the generation cache)")
     if temperature == 0 and n > 1:
@@ -167,7 +175,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, n: int = 1, temperatu
     todo = [p for p in problems if p.id not in done]
     per_call = max(1, (batch_size or n) // n)
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc=desc,
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress, dynamic_ncols=True, leave=leave)
     for s in range(0, len(todo), per_call):
         chunk = todo[s:s + per_call]
         prompts = rollout.render_prompts([p.question for p in chunk], tokenizer, template, system_prompt)
@@ -233,14 +241,24 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(path_or_id: str, dtype: str = "bfloat16", device: str = "auto", attn_implementation: str = "sdpa"):
+def load_model(path_or_id: str, dtype: str = "bfloat16", device: str = "auto", attn_implementation: str = "sdpa",
+               init: str = "pretrained", config_overrides: dict | None = None):
     """(model, tokenizer) from a local HF folder or a hub id, in eval mode on `device`.
-    The tokenizer gets a pad token if it has none (many base checkpoints ship without one)."""
-    from transformers import AutoModelForCausalLM
+
+    init="random" builds the architecture of the folder's config.json with random weights (throughput
+    and memory checks need no weights). `config_overrides` are set on the HF config first (e.g.
+    {"num_hidden_layers": 2}). The tokenizer gets a pad token if it has none."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = rollout.load_tokenizer(path_or_id)
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=getattr(torch, dtype),
-                                                 attn_implementation=attn_implementation)
+    conf = AutoConfig.from_pretrained(path_or_id, **(config_overrides or {}))
+    if init == "random":
+        conf._attn_implementation = attn_implementation
+        with torch.device(resolve_device(device)):
+            model = AutoModelForCausalLM.from_config(conf, dtype=getattr(torch, dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path_or_id, config=conf, dtype=getattr(torch, dtype),
+                                                     attn_implementation=attn_implementation)
     return model.to(resolve_device(device)).eval(), tokenizer
 
 
@@ -252,69 +270,139 @@ def _slug(text: str) -> str:
     return f"{name}-{hashlib.sha1(full.encode()).hexdigest()[:6]}"
 
 
+def weights_fingerprint(model: str) -> str:
+    """Names, sizes and modification times of a local model's weight files (a hub id: the id itself), so
+    that new weights at the same path never reuse cached generations."""
+    p = Path(model)
+    if not p.is_dir():
+        return model
+    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt") and f.name != "state.pt")
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
 def run_tag(model: str, n: int, temperature: float, top_p: float, max_new_tokens: int,
-            template: str, system_prompt: str | None) -> str:
-    """File-name stem naming the model and every setting that changes the generations."""
-    tag = f"{_slug(model)}__n{n}_t{temperature:g}_p{top_p:g}_len{max_new_tokens}_{template}"
-    if system_prompt:
-        tag += "_sys" + hashlib.sha1(system_prompt.encode()).hexdigest()[:6]
-    return tag
+            template: str, system_prompt: str | None, seed: int = 0) -> str:
+    """File-name stem naming the model, its weights and every setting that changes the generations."""
+    key = f"{weights_fingerprint(model)}|{system_prompt}|{seed}"
+    return (f"{_slug(model)}__n{n}_t{temperature:g}_p{top_p:g}_len{max_new_tokens}_{template}"
+            f"_{hashlib.sha1(key.encode()).hexdigest()[:8]}")
 
 
-def _load(name: str, data_dir: str, limit: int | None) -> tuple[str, list[Problem]]:
-    # a benchmark is a registered name or the path of a .jsonl/.json file of problems
+def run_config(model: str):
+    """The saved config of the run a checkpoint belongs to (RUN/checkpoints/step_N -> RUN/config.json)."""
+    p = Path(model)
+    saved = p.parent.parent / "config.json"
+    return saved if p.is_dir() and p.parent.name == "checkpoints" and saved.is_file() else None
+
+
+def _load(name: str, cfg, limit: int | None) -> tuple[str, list[Problem]]:
+    # a benchmark is a registered name, "tiny" (the task of the config), or a .jsonl/.json file of problems
     if name.endswith((".jsonl", ".json")):
-        return _slug(name), data.load_problems(name, limit=limit)
-    return name, data.load_benchmark(name, data_dir, limit)
+        return _slug(name), data.load_problems(name, limit=limit, max_question_chars=cfg.data.max_question_chars)
+    if name == "tiny":
+        import tiny
+        return name, tiny.heldout(cfg.tiny, limit)
+    return name, data.load_benchmark(name, cfg.eval.data_dir, limit, max_question_chars=cfg.data.max_question_chars)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate a model on math benchmarks (avg@n, pass@k, maj@n).")
-    p.add_argument("--model", required=True, help="local HF model folder or hub id")
-    p.add_argument("--benchmarks", default=DEFAULT_BENCHMARKS,
-                   help="comma-separated registered names (see data.BENCHMARKS) or .jsonl/.json paths")
-    p.add_argument("--data-dir", default="../shared/data")
-    p.add_argument("--n", type=int, default=4, help="samples per problem")
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (forces n=1)")
+    p = argparse.ArgumentParser(
+        description="Evaluate a model on math benchmarks (avg@n, pass@k, maj@n). Settings not given on the "
+                    "command line come from --config, else from the run's saved config when --model is a run "
+                    "checkpoint (RUN/checkpoints/step_N), else from config.py's defaults (the tiny experiment).")
+    p.add_argument("--model", required=True, help="local HF model folder, run checkpoint, or hub id")
+    p.add_argument("--config", default=None, help="a train config whose eval/data/tiny settings to use")
+    p.add_argument("--benchmarks", default=None,
+                   help=f"comma-separated registered names (e.g. {DEFAULT_BENCHMARKS}), 'tiny', or .jsonl/.json paths")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--n", type=int, default=None, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (forces n=1)")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=3072)
-    p.add_argument("--k", default="1", help="comma-separated k for pass@k (k <= n)")
-    p.add_argument("--limit", type=int, default=None, help="first L problems of each benchmark")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call")
-    p.add_argument("--template", choices=["chat", "plain"], default="chat")
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help='"" for none')
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--k", default="1", help="comma-separated k for pass@k (1 <= k <= n)")
+    p.add_argument("--limit", type=int, default=None, help="first L problems of each benchmark (0 = all)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per generate call")
+    p.add_argument("--template", choices=["chat", "plain"], default=None)
+    p.add_argument("--system-prompt", default=None, help='"" for none')
     p.add_argument("--out-dir", default="eval_out")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
+def settings(args: argparse.Namespace):
+    """(Config, where its values came from) with every command-line value applied."""
+    from config import Config, load_config, from_dict
+    if args.config:
+        cfg, source = load_config(args.config), f"--config {args.config}"
+    elif saved := run_config(args.model):
+        cfg, source = from_dict(json.loads(saved.read_text())), f"the run's config {saved}"
+    else:
+        cfg, source = Config(), "config.py's defaults"
+    e = cfg.eval
+    for flag, attr in (("n", "n"), ("temperature", "temperature"), ("max_new_tokens", "max_new_tokens"),
+                       ("batch_size", "batch_size"), ("data_dir", "data_dir")):
+        if getattr(args, flag) is not None:
+            setattr(e, attr, getattr(args, flag))
+    if args.limit is not None:
+        e.limit = args.limit
+    if args.benchmarks is not None:
+        e.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    if args.template is not None:
+        cfg.data.template = args.template
+    if args.system_prompt is not None:
+        cfg.data.system_prompt = args.system_prompt or None
+    e.max_new_tokens = e.max_new_tokens or cfg.rollout.max_new_tokens
+    return cfg, source
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    n = 1 if args.temperature == 0 else args.n  # greedy: see module docstring
-    ks = tuple(int(k) for k in args.k.split(",") if k.strip())
-    system_prompt = args.system_prompt or None
-    benchmarks = [_load(b.strip(), args.data_dir, args.limit) for b in args.benchmarks.split(",") if b.strip()]
+    cfg, source = settings(args)
+    e = cfg.eval
+    try:
+        ks = tuple(int(k) for k in args.k.split(",") if k.strip())
+    except ValueError:
+        raise SystemExit(f"--k: expected comma-separated integers, got {args.k!r}") from None
+    if e.n < 1:
+        raise SystemExit(f"--n must be >= 1, got {e.n}")
+    if e.temperature < 0 or not 0 < args.top_p <= 1 or e.max_new_tokens < 1 or e.batch_size < 1:
+        raise SystemExit("need --temperature >= 0, --top-p in (0, 1], --max-new-tokens >= 1, --batch-size >= 1")
+    n = 1 if e.temperature == 0 else e.n  # greedy: see module docstring
+    bad = [k for k in ks if not 1 <= k <= n]
+    if not ks or bad:
+        raise SystemExit(f"--k: every k must be in 1..n (n = {n}{', greedy' if e.temperature == 0 else ''}), "
+                         f"got {args.k!r}")
+    print(f"eval settings from {source}: n={n}, temperature={e.temperature}, max_new_tokens={e.max_new_tokens}, "
+          f"template={cfg.data.template}, benchmarks={','.join(e.benchmarks)}")
+    benchmarks = [_load(b, cfg, e.limit or None) for b in e.benchmarks]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = run_tag(args.model, n, args.temperature, args.top_p, args.max_new_tokens, args.template, system_prompt)
+    tag = run_tag(args.model, n, e.temperature, args.top_p, e.max_new_tokens, cfg.data.template,
+                  cfg.data.system_prompt, args.seed)
+    dtype = args.dtype or (cfg.model.autocast if cfg.model.autocast != "none" else cfg.model.dtype)
 
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, dtype, args.device)
     results, records = {}, {}
     for name, problems in benchmarks:
-        res = evaluate(model, tokenizer, problems, n=n, temperature=args.temperature, top_p=args.top_p,
-                       max_new_tokens=args.max_new_tokens, template=args.template,
-                       system_prompt=system_prompt, batch_size=args.batch_size, ks=ks,
+        res = evaluate(model, tokenizer, problems, n=n, temperature=e.temperature, top_p=args.top_p,
+                       max_new_tokens=e.max_new_tokens, template=cfg.data.template,
+                       system_prompt=cfg.data.system_prompt, batch_size=e.batch_size, ks=ks,
                        cache_path=out_dir / f"{tag}__{name}.jsonl", desc=name)
         records[name] = res.pop("records")
         results[name] = res
 
     table = format_table(results)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out_dir", "benchmarks")}
+    settings_used = {"model": args.model, "source": source, "n": n, "temperature": e.temperature,
+                     "top_p": args.top_p, "max_new_tokens": e.max_new_tokens, "k": list(ks), "limit": e.limit,
+                     "template": cfg.data.template, "system_prompt": cfg.data.system_prompt, "dtype": dtype,
+                     "seed": args.seed, "weights": weights_fingerprint(args.model)}
     (out_dir / f"{tag}.json").write_text(json.dumps(
-        {"settings": settings, "results": results, "records": records}, indent=1, ensure_ascii=False))
+        {"settings": settings_used, "results": results, "records": records}, indent=1, ensure_ascii=False))
     (out_dir / f"{tag}.md").write_text(f"# {args.model}\n\n{table}\n")
     print(table)
     return results

@@ -124,6 +124,13 @@ def gspo_loss(logp, old_logp, adv, mask, eps_low: float, eps_high: float, dual_c
     return loss[:, None].expand_as(mask), stats
 
 
+# The policy-loss table. A loss is a function
+#     (logp, old_logp, adv, mask, eps_low, eps_high, dual_clip) -> (loss_tok, stats)
+# with logp, old_logp, mask [B, T] (logp carries the gradient), adv [B]; it returns the per-token loss
+# loss_tok [B, T] (aggregated by `aggregate` under the method's aggregation) and stats, a dict of
+# per-token float indicators [B, T]: "clip_low" and "clip_high" (the token's ratio was clipped below /
+# above; logged as fractions of the policy tokens) and "ratio" (detached). A new loss is a function
+# of that signature and a row here; the config accepts every key of this table.
 POLICY_LOSSES = {"ppo_clip": ppo_clip_loss, "gspo": gspo_loss}
 
 

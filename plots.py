@@ -39,8 +39,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 def load_metrics(path) -> list[dict]:
     """Rows of a run's metrics.jsonl (`path` is the file or its run directory), by step.
 
-    A fresh run into an existing out_dir appends to the file: a step that does not increase starts
-    over, and the later rows replace the earlier ones from that step on.
+    Should steps repeat (files of several attempts concatenated by hand), a step that does not increase
+    starts over, and the later rows replace the earlier ones from that step on.
     """
     path = Path(path)
     if path.is_dir():
@@ -63,27 +63,18 @@ def load_rollouts(path) -> list[dict]:
     return _read_jsonl(path)
 
 
-def _step_ids(rollout: dict) -> list[int]:
-    if rollout.get("step_ids") is not None:
-        return rollout["step_ids"]
-    sids, k = [], 0
-    for t in rollout["token_text"]:
-        sids.append(k)
-        k += "\n" in t
-    return sids
-
-
 def step_table(rollout: dict) -> list[dict]:
     """Per step of a response: index, text, entropy (mean of its token_entropy), n_tokens, in_clip.
 
-    Steps come from the rollout's `step_ids`; when EchoRL was off they are null, and the
-    response is split as the paper does: a step ends at each token whose text holds a newline.
-    A step is in_clip when any of its tokens is in the EchoClip.
+    Steps are the rollout's `step_ids` (entropy.step_ids, written by train.dump_rollouts whether or
+    not EchoRL was on). A step is in_clip when any of its tokens is in the EchoClip.
     """
     texts, ents = rollout["token_text"], rollout["entropy"]
+    if rollout.get("step_ids") is None:
+        raise ValueError("this rollout dump has no step ids; rerun the step (train.dump_rollouts writes them)")
     clip = rollout.get("clip") or [0] * len(texts)
     rows: dict[int, dict] = {}
-    for t, h, c, s in zip(texts, ents, clip, _step_ids(rollout), strict=True):
+    for t, h, c, s in zip(texts, ents, clip, rollout["step_ids"], strict=True):
         r = rows.setdefault(s, {"index": s, "text": "", "token_entropy": [], "in_clip": False})
         r["text"] += t
         r["token_entropy"].append(h)
@@ -166,8 +157,11 @@ PANELS = [
     ("EchoClips per step", [("echo/n_clips", "-", "clips (left axis)"),
                             ("echo/clip_group_share", ":", "share of all-success groups\n"
                                                            "that gave a clip (right axis)")]),
-    ("training reward", [("reward", "-", "reward"), ("accuracy", "--", "accuracy")]),
+    ("training accuracy (and reward, where shaping makes it differ)", [("accuracy", "-", "accuracy"),
+                                                                       ("reward", "--", "reward")]),
 ]
+SMOOTH = {"frac_degenerate", "frac_all_success", "frac_all_fail", "accuracy", "reward"}  # noisy per step
+SMOOTH_STEPS = 5
 TWIN_KEYS = {"echo/clip_group_share"}   # a fraction in [0, 1], drawn against its own axis
 SHARE_OF = {"echo/clip_group_share": "echo/success_groups"}   # share -> the count it divides by
 STYLES = ["-", "--", ":", "-."]
@@ -200,19 +194,26 @@ def plot_curves(runs: dict[str, list[dict]], path) -> None:
             drawn = False
             for i, rows in enumerate(runs.values()):
                 x, y = _series(rows, key)
-                if x:
-                    (share_ax if key in TWIN_KEYS else ax).plot(x, y, ls, color=f"C{i % 10}", marker=marker,
-                                                                ms=4, lw=1.2)
+                if key == "reward" and y == _series(rows, "accuracy")[1]:
+                    continue  # no shaping: reward is accuracy, drawn once
+                target = share_ax if key in TWIN_KEYS else ax
+                if x and key in SMOOTH:  # raw values faint, a trailing moving average on top
+                    target.plot(x, y, ls, color=f"C{i % 10}", lw=0.8, alpha=0.25)
+                    target.plot(x, _smooth(y, SMOOTH_STEPS), ls, color=f"C{i % 10}", lw=1.6)
+                    drawn = True
+                elif x:
+                    target.plot(x, y, ls, color=f"C{i % 10}", marker=marker, ms=4, lw=1.2)
                     drawn = True
             if drawn:
-                handles.append(Line2D([], [], color="0.3", ls=ls, marker=marker, ms=4, label=label))
+                smooth = f" (moving avg {SMOOTH_STEPS})" if key in SMOOTH else ""
+                handles.append(Line2D([], [], color="0.3", ls=ls, marker=marker, ms=4, label=label + smooth))
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         if handles:
             lo, hi = ax.get_ylim()
             lo = 0.0 if ax.dataLim.y0 >= 0 else lo   # counts and rates: keep zero in view
             ax.set_ylim(lo, hi + 0.25 * (hi - lo))   # headroom for the legend
-            ax.legend(handles=handles, fontsize=8, loc="upper left", ncol=min(len(handles), 4))
+            ax.legend(handles=handles, fontsize=8, loc="upper left", ncol=min(len(handles), 2))
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
     share_ax.set_ylim(0, 1.3)
@@ -273,7 +274,9 @@ def plot_study(panels: dict[str, dict[str, list[list[dict]]]], acc_key: str, pat
 
 
 def pick_rollout(run_dir, step: int | None = None, row: int | None = None) -> tuple[int, int, dict]:
-    """(step, row, rollout) to profile; default: the first clipped rollout of the latest step with one."""
+    """(step, row, rollout) to profile; default: from the latest step that has EchoClips, the clipped
+    rollout that shows the selection best: the most steps (at least 3 if any has them), then the
+    clearest peak (peak step entropy minus the mean of the other steps)."""
     run_dir = Path(run_dir)
     files = sorted((run_dir / "rollouts").glob("step_*.jsonl"))
     if step is not None:
@@ -287,9 +290,18 @@ def pick_rollout(run_dir, step: int | None = None, row: int | None = None) -> tu
             return s, row, rollouts[row]
         hits = [i for i, r in enumerate(rollouts) if any(r.get("clip") or [])]
         if hits:
-            return s, hits[0], rollouts[hits[0]]
+            best = max(hits, key=lambda i: _showcase(rollouts[i]))
+            return s, best, rollouts[best]
     where = files[0] if step is not None else run_dir / "rollouts"
     raise LookupError(f"no rollout with an EchoClip in {where}; pass --step N --row I to plot any rollout")
+
+
+def _showcase(rollout: dict) -> tuple[bool, float]:
+    """How well a rollout shows EchoClip selection: (has >= 3 steps, peak margin)."""
+    h = [r["entropy"] for r in step_table(rollout)]
+    k = max(range(len(h)), key=h.__getitem__)
+    rest = [x for i, x in enumerate(h) if i != k]
+    return len(h) >= 3, h[k] - (sum(rest) / len(rest) if rest else 0.0)
 
 
 def main(argv=None) -> None:

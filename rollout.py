@@ -22,6 +22,8 @@ PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
 
 @dataclass
 class Rollout:
+    """One step's batch of rollouts. Every tensor lives on the device the rollouts were sampled on
+    (the model's); tensors leave it only for the verifier (texts) and for logging."""
     prompt_ids: torch.Tensor       # [B, P] left-padded
     prompt_mask: torch.Tensor      # [B, P] 1 on real prompt tokens
     response_ids: torch.Tensor     # [B, R] right-padded
@@ -58,6 +60,10 @@ class Rollout:
     @property
     def response_lengths(self) -> torch.Tensor:  # [B]
         return self.response_mask.sum(-1)
+
+    @property
+    def policy_mask(self) -> torch.Tensor:      # [B, R] response tokens of the rows in the policy loss
+        return self.response_mask * self.in_policy[:, None].to(self.response_mask)
 
     def select(self, idx) -> "Rollout":
         """Rows `idx` of every per-row field (tensors, lists and per-row `extras`)."""

@@ -17,7 +17,9 @@ import hashlib
 import json
 import math
 import random
+import shutil
 from dataclasses import asdict, dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -34,12 +36,27 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 
 
 @dataclass
-class TaskConfig:
-    min_ops: int = 1        # difficulty knob: number of operations (= solution steps before the box)
-    max_ops: int = 4
-    max_value: int = 20     # every intermediate result stays in [0, max_value]
+class TinyConfig:
+    """The embedded task, its model and its warm start: config section `tiny` (defaults = configs/tiny.yaml)."""
+    task: Literal["arith"] = "arith"  # which procedural task (TASKS below)
+    min_ops: int = 1          # difficulty: number of operations (= solution lines before the box)
+    max_ops: int = 3
+    max_value: int = 20       # every intermediate result stays in [0, max_value]
     max_operand: int = 9
-    seed: int = 0
+    hidden_size: int = 128    # the model: a small Qwen2
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 512
+    sft_steps: int = 600      # the warm start: SFT on synthetic solutions
+    sft_batch_size: int = 32
+    sft_lr: float = 5e-3
+    sft_habit: float = 0.5    # share of multi-step SFT solutions that box the first intermediate result
+    sft_problems: int = 20000
+    cache_dir: str = ".cache/tiny"
+
+
+MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
 @dataclass
@@ -50,7 +67,7 @@ class Problem:  # same fields as data.Problem, kept local so this module stands 
     solution: str = ""
 
 
-def make_problem(rng: random.Random, cfg: TaskConfig, pid: str = "") -> Problem:
+def make_arith_problem(rng: random.Random, cfg: TinyConfig, pid: str = "") -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     x = rng.randint(1, cfg.max_operand)
     sents, lines = [f"{name} has {x} {item}."], []
@@ -73,11 +90,17 @@ def make_problem(rng: random.Random, cfg: TaskConfig, pid: str = "") -> Problem:
     return Problem(id=pid, question=question, answer=str(x), solution="\n".join(lines + [f"\\boxed{{{x}}}"]))
 
 
-def make_split(cfg: TaskConfig, n: int, split: str) -> list[Problem]:
-    """Deterministic splits: 'heldout' comes from its own seed; 'train' skips held-out questions."""
-    salt = {"train": 1, "heldout": 2, "sft": 3}[split]
-    rng = random.Random(cfg.seed * 1000 + salt)
-    held = {p.question for p in make_split(cfg, 200, "heldout")} if split != "heldout" else set()
+TASKS = {"arith": make_arith_problem}  # tiny.task -> problem generator (rng, cfg, id) -> Problem
+
+
+def make_problem(rng: random.Random, cfg: TinyConfig, pid: str = "") -> Problem:
+    return TASKS[cfg.task](rng, cfg, pid)
+
+
+def make_split(cfg: TinyConfig, n: int, split: str) -> list[Problem]:
+    """Deterministic splits: 'heldout' comes from its own seed; 'train' and 'sft' skip held-out questions."""
+    rng = random.Random({"train": 1, "heldout": 2, "sft": 3}[split])
+    held = heldout_questions(cfg) if split != "heldout" else set()
     out = []
     while len(out) < n:
         p = make_problem(rng, cfg, f"tiny-{split}-{len(out)}")
@@ -86,12 +109,27 @@ def make_split(cfg: TaskConfig, n: int, split: str) -> list[Problem]:
     return out
 
 
+def heldout_questions(cfg: TinyConfig) -> set[str]:
+    return {p.question for p in make_split(cfg, HELDOUT, "heldout")}
+
+
+HELDOUT = 200  # size of the held-out split that training never sees (eval.limit reads a prefix of it)
+
+
+def heldout(cfg: TinyConfig, limit: int | None = None) -> list:
+    """The held-out problems (the first `limit`; None or 0: all HELDOUT) as data.Problem records."""
+    from data import DataError, Problem as DataProblem
+    if limit is not None and limit > HELDOUT:
+        raise DataError(f"the tiny task holds {HELDOUT} held-out problems; eval.limit={limit} asks for more")
+    return [DataProblem(p.id, p.question, p.answer) for p in make_split(cfg, limit or HELDOUT, "heldout")]
+
+
 class ProblemStream:
     """Endless training prompts: fresh problems from the generator, never a held-out one."""
 
-    def __init__(self, cfg: TaskConfig, seed: int):
+    def __init__(self, cfg: TinyConfig, seed: int):
         self.cfg, self.rng = cfg, random.Random(seed)
-        self.held = {p.question for p in make_split(cfg, 200, "heldout")}
+        self.held = heldout_questions(cfg)
         self.count = 0
 
     def next(self, n: int) -> list[Problem]:
@@ -138,34 +176,18 @@ def build_tokenizer():
     return tok
 
 
-@dataclass
-class ModelSize:
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    intermediate_size: int = 512
-    max_position_embeddings: int = 512
-
-
-def build_model(tokenizer, seed: int = 0, **size):
-    """A randomly initialised Qwen2ForCausalLM sized for the tiny task (fp32)."""
+def build_model(tokenizer, cfg: TinyConfig = TinyConfig(), seed: int = 0, **size):
+    """A randomly initialised Qwen2ForCausalLM of cfg's size (fp32); `size` overrides single fields.
+    Uses its own RNG: building a model never changes the global torch RNG of the caller."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True, rope_theta=10000.0,
-                      bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, **asdict(ModelSize(**size)))
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(cfg)
-
-
-@dataclass
-class WarmStart:
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 5e-3
-    n_problems: int = 20000
-    habit: float = 0.5      # share of multi-step SFT solutions that box the FIRST intermediate result
+    dims = {k: getattr(cfg, k) for k in MODEL_KEYS} | size
+    conf = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True, rope_theta=10000.0,
+                       bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512, **dims)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(conf)
 
 
 def with_habit(p: Problem) -> Problem:
@@ -198,43 +220,51 @@ def sft_batch(tokenizer, problems: list[Problem]) -> dict[str, torch.Tensor]:
             "labels": torch.tensor([x + [-100] * (T - len(x)) for x in labels])}
 
 
-def _key(task: TaskConfig, size: ModelSize, ws: WarmStart, seed: int) -> str:
-    # the vocabulary is part of the key: a changed tokenizer must not reuse a model trained on the old ids
+def _key(cfg: TinyConfig, seed: int) -> str:
+    # every setting but the cache folder, and the vocabulary: a changed tokenizer must not reuse a
+    # model trained on the old ids
     vocab = hashlib.sha1(json.dumps(sorted(build_tokenizer().get_vocab().items())).encode()).hexdigest()[:12]
-    return json.dumps({"task": asdict(task), "size": asdict(size), "ws": asdict(ws), "seed": seed,
-                       "vocab": vocab}, sort_keys=True)
+    return json.dumps({**{k: v for k, v in asdict(cfg).items() if k != "cache_dir"}, "seed": seed, "vocab": vocab},
+                      sort_keys=True)
 
 
-def cache_path(task: TaskConfig, size: ModelSize, ws: WarmStart, cache_dir: str | Path = ".cache/tiny",
-               seed: int = 0) -> Path:
-    """Where the warm start for these settings lives (a hash of every setting)."""
-    return Path(cache_dir) / hashlib.sha1(_key(task, size, ws, seed).encode()).hexdigest()[:12]
+def cache_path(cfg: TinyConfig, seed: int = 0) -> Path:
+    """Where the warm start for these settings lives: cfg.cache_dir / a hash of every setting."""
+    return Path(cfg.cache_dir) / hashlib.sha1(_key(cfg, seed).encode()).hexdigest()[:12]
 
 
-def warm_start(task: TaskConfig, size: ModelSize, ws: WarmStart, cache_dir: str | Path = ".cache/tiny",
-               seed: int = 0) -> Path:
-    """SFT a fresh tiny model on synthetic solutions; cached by a hash of every setting."""
-    path = cache_path(task, size, ws, cache_dir, seed)
+def warm_start(cfg: TinyConfig, seed: int = 0) -> Path:
+    """SFT a fresh tiny model on synthetic solutions; cached by a hash of every setting.
+
+    Deterministic and self-contained: it seeds its own RNGs and restores the caller's global torch
+    RNG afterwards, so a run gives the same results whether it built the warm start or found it cached.
+    """
+    path = cache_path(cfg, seed)
     if (path / "config.json").exists():
         return path
-    tok = build_tokenizer()
-    model = build_model(tok, seed=seed, **asdict(size))
-    rng = random.Random(seed)
-    data = [with_habit(p) if rng.random() < ws.habit else p for p in make_split(task, ws.n_problems, "sft")]
-    opt = torch.optim.AdamW(model.parameters(), lr=ws.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / ws.steps)))
-    model.train()
-    for _ in (bar := tqdm(range(ws.steps), desc="warm start (SFT)")):
-        loss = model(**sft_batch(tok, rng.sample(data, ws.batch_size))).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with torch.random.fork_rng(devices=[]):
+        tok = build_tokenizer()
+        model = build_model(tok, cfg, seed=seed)
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        data = [with_habit(p) if rng.random() < cfg.sft_habit else p
+                for p in make_split(cfg, cfg.sft_problems, "sft")]
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / cfg.sft_steps)))
+        model.train()
+        for _ in (bar := tqdm(range(cfg.sft_steps), desc="warm start (SFT)", dynamic_ncols=True)):
+            loss = model(**sft_batch(tok, rng.sample(data, cfg.sft_batch_size))).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "warm_start.json").write_text(_key(task, size, ws, seed))
+    (tmp / "warm_start.json").write_text(_key(cfg, seed))
     tmp.rename(path)  # atomic: a killed warm start never leaves a half-written cache entry
     return path

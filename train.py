@@ -1,9 +1,14 @@
-"""The RLVR loop, single process:
+"""EchoRL training: one RLVR step in named stages, then the run around it.
 
-    prompts -> rollout.generate -> reward.score_batch -> advantages (+ DAPO dynamic sampling)
-            -> old log-probs & token entropies (no grad) -> EchoClips -> micro-batched PPO update
+    problems ─► sample ─► score ─► advantages ─► old_policy ─► echo_clips ─► update
+               rollout.py reward.py  losses.py    entropy.py    echorl.py     losses.py + echorl.py
 
-Usage:
+`train_step` runs the stages once. Each stage is a plain function that reads and fills fields of
+one `Rollout` record (rollout.py), so a notebook can run them one at a time. DAPO's dynamic
+sampling repeats sample + score until enough groups carry a learning signal (`collect`).
+`setup(cfg)` builds everything a step needs (a `Run`); `train` is the harness around the steps:
+evaluation, logging, checkpoints, resume, and stopping cleanly.
+
     python train.py --config configs/tiny.yaml [--set echo.coef=0.01 ...] [--resume]
 """
 from __future__ import annotations
@@ -11,84 +16,55 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import re
+import signal
+import socket
+import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import reward
-from checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from config import Config, load_config, to_dict
+from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from config import Config, ConfigError, diff, load_config, to_dict
+from data import DataError
 from echorl import echo_loss, select_clips
 from entropy import delimiter_table, response_logprobs, step_ids
 from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss
 from rollout import Rollout, concat, eos_ids, generate, render_prompts
 
-# ----------------------------------------------------------------------------------------
-# Setup: model, tokenizer, problem streams
+RewardFn = Callable[[list[str], list[str]], list[float]]  # (responses, golds) -> rewards; 1.0 = verified correct
 
 
-def tiny_settings(cfg: Config):
-    """(TaskConfig, ModelSize, WarmStart) of the embedded tiny model from the config."""
-    import tiny
-    t = cfg.tiny
-    return (tiny.TaskConfig(t.min_ops, t.max_ops, t.max_value, t.max_operand),
-            tiny.ModelSize(t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
-                           t.intermediate_size),
-            tiny.WarmStart(steps=t.sft_steps, batch_size=t.sft_batch_size, lr=t.sft_lr, habit=t.sft_habit))
+@dataclass
+class Run:
+    """Everything a step needs, built once by `setup`."""
+    cfg: Config
+    model: torch.nn.Module            # the policy being trained (weights in cfg.model.dtype)
+    tok: Any
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    stream: Any                       # .next(n) -> problems; state_dict() / load_state_dict() for resume
+    reward_fn: RewardFn
+    ref_model: torch.nn.Module | None  # frozen initial policy for the KL term (algo.kl_coef > 0)
+    gen: torch.Generator              # EchoRL's random_step selection
+    delims: dict                      # entropy.delimiter_table of echo.delimiter
+    eos: list[int]                    # ids that end a response
+    step: int = 0                     # completed steps
 
 
-def model_path(cfg: Config) -> str:
-    """'tiny' -> the cached warm-started tiny model folder (built on first use); else as given."""
-    if cfg.model.name_or_path != "tiny":
-        return cfg.model.name_or_path
-    import tiny
-    return str(tiny.warm_start(*tiny_settings(cfg), cfg.tiny.cache_dir, seed=0))
-
-
-def autocast(cfg: Config, model):
-    """Mixed precision for forwards; weights and optimizer states keep `model.dtype`."""
-    if cfg.model.autocast == "none":
-        return nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=getattr(torch, cfg.model.autocast))
-
-
-def load_model(path: str, cfg: Config, device: str):
-    """Policy (or reference) model and tokenizer, with eval.py's loader (one code path)."""
-    from eval import load_model as load
-    model, tok = load(path, cfg.model.dtype, device, cfg.model.attn_implementation)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, tok
-
-
-def train_stream(cfg: Config):
-    if cfg.data.train == "tiny":
-        import tiny
-        return tiny.ProblemStream(tiny_settings(cfg)[0], cfg.train.seed)
-    from data import ListStream, load_problems
-    return ListStream(load_problems(cfg.data.train, cfg.data.question_key, cfg.data.answer_key),
-                      cfg.train.seed, cfg.data.shuffle)
-
-
-def eval_problems(cfg: Config) -> dict[str, list]:
-    from data import load_benchmark
-    limit = cfg.eval.limit or None
-    out = {}
-    for name in cfg.eval.benchmarks:
-        if name == "tiny":
-            import tiny
-            out[name] = tiny.make_split(tiny_settings(cfg)[0], limit or 200, "heldout")
-        else:
-            out[name] = load_benchmark(name, cfg.eval.data_dir, limit)
-    return out
-
-# ----------------------------------------------------------------------------------------
-# Rollout + reward (+ DAPO dynamic sampling)
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm that is not finite: the update stops before the optimizer step."""
 
 
 @contextmanager
@@ -98,44 +74,64 @@ def timer(times: dict, key: str):
     times[key] = times.get(key, 0.0) + time.perf_counter() - t0
 
 
-def sample_groups(model, tok, problems, cfg: Config, times: dict) -> Rollout:
-    """Generate G responses per problem and score them: fills correct and rewards."""
-    rc = cfg.rollout
-    prompts = render_prompts([p.question for p in problems], tok, cfg.data.template, cfg.data.system_prompt)
-    model.eval()
-    with timer(times, "generate"), autocast(cfg, model):
-        batch = generate(model, tok, prompts, group_size=rc.group_size, max_new_tokens=rc.max_new_tokens,
+def autocast(cfg: Config, model):
+    """Mixed precision for forwards; weights and optimizer states keep `model.dtype`."""
+    if cfg.model.autocast == "none":
+        return nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=getattr(torch, cfg.model.autocast))
+
+# ========================================================================================
+# The step, stage by stage
+
+
+def sample(run: Run, problems: list) -> Rollout:
+    """Stage 1: G responses per problem (rows i*G .. i*G+G-1 answer problem i); golds and prompts in extras."""
+    cfg, rc = run.cfg, run.cfg.rollout
+    prompts = render_prompts([p.question for p in problems], run.tok, cfg.data.template, cfg.data.system_prompt)
+    run.model.eval()
+    with autocast(cfg, run.model):
+        batch = generate(run.model, run.tok, prompts, group_size=rc.group_size, max_new_tokens=rc.max_new_tokens,
                          temperature=rc.temperature, top_p=rc.top_p, batch_size=rc.gen_batch_size or None)
-    golds = [p.answer for p in problems for _ in range(rc.group_size)]
-    with timer(times, "score"):
-        scores = torch.tensor(reward.score_batch(batch.texts, golds, workers=cfg.reward.workers))
-    correct = scores >= 1.0
-    if cfg.reward.truncated == "zero":
-        scores, correct = scores.masked_fill(batch.truncated.cpu(), 0.0), correct & ~batch.truncated.cpu()
-    a = cfg.algo
-    if a.overlong_buffer:
-        buf = rc.max_new_tokens // 4 if a.overlong_buffer < 0 else a.overlong_buffer
-        scores = scores + overlong_penalty(batch.response_lengths.cpu(), rc.max_new_tokens, buf, a.overlong_penalty)
-    batch.correct, batch.rewards = correct, scores
-    batch.extras.update(golds=golds, prompts=[p for p in prompts for _ in range(rc.group_size)])
+    batch.extras.update(golds=[p.answer for p in problems for _ in range(rc.group_size)],
+                        prompts=[p for p in prompts for _ in range(rc.group_size)])
     return batch
 
 
-def collect(model, tok, stream, cfg: Config, times: dict, stats: dict) -> Rollout:
-    """One step's batch. With dynamic sampling, zero-std groups are dropped and refilled from new
-    prompts (at most `max_sampling_rounds` extra rounds); with EchoRL on and keep_dropped_groups,
-    dropped all-success groups stay in the batch with in_policy = 0, so they feed EchoClips only."""
+def score(batch: Rollout, cfg: Config, reward_fn: RewardFn) -> None:
+    """Stage 2: batch.correct (the verifier's verdict) and batch.rewards (after the truncation rule and
+    DAPO's overlong shaping). Texts leave for the verifier; the scores come back onto the batch's device."""
+    rewards = torch.tensor(reward_fn(batch.texts, batch.extras["golds"]), dtype=torch.float,
+                           device=batch.response_ids.device)                    # [B]
+    correct = rewards >= 1.0
+    if cfg.reward.truncated == "zero":
+        rewards, correct = rewards.masked_fill(batch.truncated, 0.0), correct & ~batch.truncated
+    if cfg.algo.overlong_buffer:
+        buf = cfg.rollout.max_new_tokens // 4 if cfg.algo.overlong_buffer < 0 else cfg.algo.overlong_buffer
+        rewards = rewards + overlong_penalty(batch.response_lengths, cfg.rollout.max_new_tokens, buf,
+                                             cfg.algo.overlong_penalty)
+    batch.correct, batch.rewards = correct, rewards
+
+
+def collect(run: Run, stats: dict, times: dict) -> Rollout:
+    """Stages 1-2 for one step's batch. With dynamic sampling (DAPO), zero-std groups are dropped and
+    refilled from new prompts (at most `max_sampling_rounds` extra rounds); with EchoRL on and
+    keep_dropped_groups, dropped all-success groups stay in the batch with in_policy = 0, so they
+    feed EchoClips only. Policy groups come first, then the echo-only groups."""
+    cfg = run.cfg
     G, n_want = cfg.rollout.group_size, cfg.rollout.prompts_per_step
     kept, echo_only, n_kept, n_echo = [], [], 0, 0
     rounds = 1 + (cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 0)
     for r in range(rounds):
-        batch = sample_groups(model, tok, stream.next(n_want if r == 0 else n_want - n_kept), cfg, times)
+        with timer(times, "generate"):
+            batch = sample(run, run.stream.next(n_want if r == 0 else n_want - n_kept))
+        with timer(times, "score"):
+            score(batch, cfg, run.reward_fn)
         live = ~constant_groups(batch.rewards, G)                                   # [n_groups]
-        g_correct = batch.correct.view(-1, G)
+        all_correct = batch.correct.view(-1, G).all(-1)                            # [n_groups]
         if r == 0:
             first = batch
-            stats["frac_all_success"] = float(g_correct.all(-1).float().mean())
-            stats["frac_all_fail"] = float((~g_correct).all(-1).float().mean())
+            stats["frac_all_success"] = float(all_correct.float().mean())
+            stats["frac_all_fail"] = float((~batch.correct.view(-1, G)).all(-1).float().mean())
             stats["frac_degenerate"] = float((~live).float().mean())
         if not cfg.algo.dynamic_sampling:
             kept.append(batch)
@@ -145,27 +141,197 @@ def collect(model, tok, stream, cfg: Config, times: dict, stats: dict) -> Rollou
         kept.append(batch.select(rows(take)))
         n_kept += int(take.sum())
         if cfg.echo.enabled and cfg.echo.keep_dropped_groups:
-            drop = ~live & g_correct.all(-1) & ((~live & g_correct.all(-1)).cumsum(0) <= n_want - n_echo)
+            drop = ~live & all_correct
+            drop &= drop.cumsum(0) <= n_want - n_echo
             if drop.any():
                 echo_only.append(batch.select(rows(drop)))
                 n_echo += int(drop.sum())
         if n_kept >= n_want:
             break
     stats["sampling_rounds"] = float(r + 1)
-    parts = [b for b in kept if len(b)] + [b for b in echo_only if len(b)]
-    for b in parts:
-        b.in_policy = torch.ones(len(b))
+    kept, echo_only = [b for b in kept if len(b)], [b for b in echo_only if len(b)]
+    for b in kept:
+        b.in_policy = torch.ones(len(b), device=b.response_ids.device)
     for b in echo_only:
-        b.in_policy = torch.zeros(len(b))
+        b.in_policy = torch.zeros(len(b), device=b.response_ids.device)
+    parts = kept + echo_only
     if not parts:  # nothing survived dynamic sampling: round 0's batch, outside the policy loss
-        first.in_policy = torch.zeros(len(first))
+        first.in_policy = torch.zeros(len(first), device=first.response_ids.device)
         parts = [first]
-    batch = concat(parts, tok.pad_token_id) if len(parts) > 1 else parts[0]
-    batch.group = torch.arange(len(batch) // G).repeat_interleave(G).to(batch.response_ids.device)
+    batch = concat(parts, run.tok.pad_token_id) if len(parts) > 1 else parts[0]
+    batch.group = torch.arange(len(batch) // G, device=batch.response_ids.device).repeat_interleave(G)
     return batch
 
-# ----------------------------------------------------------------------------------------
-# Old-policy pass, EchoClips, update
+
+def compute_advantages(batch: Rollout, cfg: Config) -> None:
+    """Stage 3: group-relative advantages of the policy rows (losses.ADVANTAGES). Echo-only rows get
+    0 and stay out of every batch statistic (REINFORCE++'s whitening)."""
+    pol = batch.in_policy > 0
+    adv = torch.zeros_like(batch.rewards)
+    if pol.any():
+        adv[pol] = ADVANTAGES[cfg.algo.advantage](batch.rewards[pol], batch.group[pol])
+    batch.advantages = adv
+
+
+@torch.no_grad()
+def old_policy(run: Run, batch: Rollout) -> None:
+    """Stage 4: old log-probs and token entropies of the policy that sampled the batch (and the
+    reference model's log-probs for the KL term), computed in the micro-batches the update will use,
+    so the first update sees ratio == 1 exactly (method.md pitfall 3)."""
+    cfg = run.cfg
+    run.model.eval()
+    lps, ents, refs = [], [], []
+    slices = [rows for mini in update_slices(batch.in_policy, cfg) for rows in mini]
+    for rows in slices:
+        mb = batch.select(rows)
+        with autocast(cfg, run.model):
+            lp, ent = response_logprobs(run.model, mb, temperature=cfg.rollout.temperature,
+                                        chunk_size=cfg.train.logprob_chunk, with_entropy=True)
+        lps.append(lp)
+        ents.append(ent)
+        if run.ref_model is not None:
+            with autocast(cfg, run.ref_model):
+                refs.append(response_logprobs(run.ref_model, mb, temperature=cfg.rollout.temperature,
+                                              chunk_size=cfg.train.logprob_chunk)[0])
+    order = torch.cat(slices).argsort().to(batch.response_ids.device)
+    batch.old_logprobs, batch.entropies = torch.cat(lps)[order], torch.cat(ents)[order]
+    batch.ref_logprobs = torch.cat(refs)[order] if refs else None
+
+
+def echo_clips(batch: Rollout, cfg: Config, delims: dict, eos: list[int], gen: torch.Generator) -> dict:
+    """Stage 5: EchoClips of the all-correct groups (echorl.select_clips on the old policy's entropies):
+    fills batch.clip_mask (and the step ids, for the rollout dumps); returns EchoRL's statistics."""
+    sids = step_ids(batch.response_ids, batch.response_mask, delims, eos, cfg.echo.min_step_tokens)
+    batch.extras["step_ids"] = sids
+    batch.clip_mask, stats = select_clips(batch.correct, batch.group, batch.response_mask, batch.entropies, sids,
+                                          cfg.echo, generator=gen)
+    return stats
+
+
+def microbatch_loss(logp: torch.Tensor, ent: torch.Tensor, mb: Rollout, norm: Norm, n_clip: float,
+                    cfg: Config) -> tuple[torch.Tensor, dict]:
+    """The loss of one micro-batch: a pure function of this forward's log-probs and entropies [b, R],
+    the rows' tensors and the mini-batch normalisers (`norm`, `n_clip`: see accumulate_gradients).
+
+        L = policy loss (+ kl_coef * KL) (- entropy_coef * entropy) (+ EchoRL's clip-SFT loss)
+
+    Two masks: `mb.policy_mask` (response tokens of rows in the policy loss) for every RL term, and
+    `mb.clip_mask` (EchoClip tokens, all-correct groups only) for the echo term."""
+    a = cfg.algo
+    mask = mb.policy_mask                                                       # [b, R]
+    loss, clipped = policy_loss(logp, mb.old_logprobs, mb.advantages, mask, policy_loss=a.policy_loss,
+                                aggregation=a.aggregation, eps_low=a.eps_low, eps_high=a.eps_high,
+                                norm=norm, dual_clip=a.dual_clip)
+    stats = {"loss_pg": loss.detach(), "clip_low": clipped["clip_low"], "clip_high": clipped["clip_high"]}
+    if mb.ref_logprobs is not None and a.kl_coef > 0:
+        kl = aggregate(kl_k3(logp, mb.ref_logprobs), mask, a.aggregation, norm)
+        loss = loss + a.kl_coef * kl
+        stats["kl"] = kl.detach()
+    if a.entropy_coef > 0:
+        bonus = aggregate(ent, mask, a.aggregation, norm)
+        loss = loss - a.entropy_coef * bonus
+        stats["entropy_bonus"] = bonus.detach()
+    if cfg.echo.enabled and mb.clip_mask is not None and n_clip > 0:
+        le = echo_loss(logp, mb.clip_mask, cfg.echo.coef, n_clip)
+        loss = loss + le
+        stats["loss_echo"] = le.detach()
+    return loss, stats
+
+
+def accumulate_gradients(model, batch: Rollout, micro: list[torch.Tensor], cfg: Config) -> dict:
+    """Backward the loss of one mini-batch (the rows `micro`, one tensor of row indices per
+    micro-batch); gradients accumulate in .grad. Returns the mini-batch's summed statistics."""
+    rows = torch.cat(micro)
+    # Normalisers over the whole mini-batch, not per micro-batch: every micro-batch loss is then its
+    # exact share of the mini-batch loss, and the gradient does not depend on how the mini-batch is
+    # split (method.md pitfall 4). The echo term divides by the clip tokens of the mini-batch likewise.
+    norm = Norm.of(batch.policy_mask[rows], cfg.rollout.max_new_tokens)
+    n_clip = float(batch.clip_mask[rows].sum()) if batch.clip_mask is not None else 0.0
+    with_entropy = cfg.algo.entropy_coef > 0
+    sums: dict[str, torch.Tensor] = {}
+    for idx in micro:
+        mb = batch.select(idx)
+        with autocast(cfg, model):
+            logp, ent = response_logprobs(model, mb, temperature=cfg.rollout.temperature,
+                                          chunk_size=cfg.train.logprob_chunk, with_entropy=with_entropy)
+        loss, stats = microbatch_loss(logp, ent, mb, norm, n_clip, cfg)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"non-finite loss ({float(loss.detach())}; policy part {float(stats['loss_pg'])})")
+        loss.backward()
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+    out = {k: float(v) for k, v in sums.items()}
+    for k in ("clip_low", "clip_high"):  # clipped tokens -> fraction of the mini-batch's policy tokens
+        out[k] = out.get(k, 0.0) / norm.n_tokens
+    return out
+
+
+def update(run: Run, batch: Rollout) -> dict:
+    """Stage 6: ppo_epochs x mini_batches optimizer steps over the batch, each with grad clipping.
+    Echo-only rows without a clip feed neither loss and skip the forward."""
+    cfg, model = run.cfg, run.model
+    model.train()
+    keep = None
+    if batch.clip_mask is not None:
+        keep = (batch.in_policy > 0) | (batch.clip_mask.sum(-1) > 0)
+    sums, n_opt = {}, 0
+    for _ in range(cfg.train.ppo_epochs):
+        for micro in update_slices(batch.in_policy, cfg, keep):
+            run.opt.zero_grad(set_to_none=True)
+            stats = accumulate_gradients(model, batch, micro, cfg)
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
+            if not math.isfinite(stats["grad_norm"]):
+                raise NonFiniteError(f"non-finite grad_norm ({stats['grad_norm']})")
+            run.opt.step()
+            run.sched.step()
+            n_opt += 1
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+    run.opt.zero_grad(set_to_none=True)  # no gradient buffers held through the next rollout
+    out = {k: v / max(n_opt, 1) for k, v in sums.items()}
+    out["clip_frac_low"], out["clip_frac_high"] = out.pop("clip_low", 0.0), out.pop("clip_high", 0.0)
+    for k in ("loss_pg", "loss_echo", "kl", "grad_norm"):
+        out.setdefault(k, 0.0)
+    return {**out, "lr": run.sched.get_last_lr()[0]}
+
+
+def train_step(run: Run) -> tuple[dict, Rollout]:
+    """One RLVR step: the stages in order. Returns the step's metrics and its batch."""
+    times, stats = {}, {}
+    cuda = next(run.model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    hits_before = reward.STATS["bound_hits"]
+    batch = collect(run, stats, times)
+    stats["verifier/bound_hits"] = float(reward.STATS["bound_hits"] - hits_before)
+    with timer(times, "advantages"):
+        compute_advantages(batch, run.cfg)
+    with timer(times, "old_logprobs"):
+        old_policy(run, batch)
+    if run.cfg.echo.enabled:
+        with timer(times, "echo_select"):
+            stats.update(echo_clips(batch, run.cfg, run.delims, run.eos, run.gen))
+    with timer(times, "update"):
+        stats.update(update(run, batch))
+    run.step += 1
+    stats.update(batch_stats(batch))
+    stats.update({f"time/{k}": v for k, v in times.items()})
+    if cuda:
+        stats["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return stats, batch
+
+
+def batch_stats(batch: Rollout) -> dict:
+    """Reward, accuracy, entropy and length over the policy rows of a batch (plain floats)."""
+    live = batch.in_policy > 0
+    if not live.any():
+        return {"reward": 0.0, "accuracy": 0.0, "entropy": 0.0, "response_len": 0.0, "truncated": 0.0,
+                "batch_rows": float(len(batch))}
+    m = batch.response_mask[live]
+    return {"reward": float(batch.rewards[live].mean()), "accuracy": float(batch.correct[live].float().mean()),
+            "entropy": float((batch.entropies[live] * m).sum() / m.sum().clamp_min(1)),
+            "response_len": float(batch.response_lengths[live].mean()),
+            "truncated": float(batch.truncated[live].float().mean()), "batch_rows": float(len(batch))}
 
 
 def micro_batches(n: int, size: int) -> list[torch.Tensor]:
@@ -191,185 +357,126 @@ def update_slices(in_policy: torch.Tensor, cfg: Config, keep: torch.Tensor | Non
     bit-identical log-probs (ratio == 1 exactly). `keep` (bool [B]): the echo-only rows worth a
     forward in the update, those holding clip tokens (the others feed neither loss)."""
     size, out = cfg.train.micro_batch_size, []
+    keep = keep.cpu() if keep is not None else None
     for pol, echo in mini_batch_rows(in_policy, cfg.train.mini_batches):
         if keep is not None:
-            echo = echo[keep.cpu()[echo]]
+            echo = echo[keep[echo]]
         out.append([pol[i] for i in micro_batches(len(pol), size)] + [echo[i] for i in micro_batches(len(echo), size)])
     return out
 
-
-@torch.no_grad()
-def score_old_policy(model, ref_model, batch: Rollout, cfg: Config, times: dict) -> None:
-    """Old log-probs and entropies in the same micro-batches the update uses, so the first
-    update sees ratio == 1 exactly (method.md pitfall 3)."""
-    model.eval()
-    lps, ents, refs = [], [], []
-    slices = [i for mini in update_slices(batch.in_policy, cfg) for i in mini]
-    with timer(times, "old_logprobs"):
-        for idx in slices:
-            mb = batch.select(idx)
-            with autocast(cfg, model):
-                lp, ent = response_logprobs(model, mb, temperature=cfg.rollout.temperature or 1.0,
-                                            chunk_size=cfg.train.logprob_chunk, with_entropy=True)
-            lps.append(lp)
-            ents.append(ent)
-            if ref_model is not None:
-                with autocast(cfg, ref_model):
-                    refs.append(response_logprobs(ref_model, mb, temperature=cfg.rollout.temperature or 1.0,
-                                                  chunk_size=cfg.train.logprob_chunk)[0])
-    order = torch.cat(slices).argsort()
-    batch.old_logprobs, batch.entropies = torch.cat(lps)[order], torch.cat(ents)[order]
-    batch.ref_logprobs = torch.cat(refs)[order] if refs else None
+# ========================================================================================
+# Setup: one place that builds a run (train.py, the benchmarks and the tests all use it)
 
 
-def accumulate_gradients(model, sub: Rollout, cfg: Config, slices: list[torch.Tensor] | None = None) -> dict:
-    """Backward the combined loss of one mini-batch, micro-batch by micro-batch (grads accumulate).
+def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | None = None) -> Run:
+    """Model, tokenizer, optimizer, scheduler, reference model, problem stream and reward function.
 
-    The mini-batch is the rows `slices` of `sub` (its micro-batches), by default all of `sub`.
-    L = policy loss (+ kl_coef * KL) (- entropy_coef * entropy) (+ EchoRL clip-SFT loss).
-    Normalisers are per mini-batch (Norm, clip-token count), so the gradient does not depend on
-    the micro-batch size (method.md pitfall 4). The echo term reuses this forward's log-probs: no extra pass.
-    """
-    a, T = cfg.algo, cfg.rollout.temperature or 1.0
-    if slices is None:
-        slices = micro_batches(len(sub), cfg.train.micro_batch_size)
-    rows = torch.cat(slices) if slices else torch.zeros(0, dtype=torch.long)
-    pg_mask = sub.response_mask * sub.in_policy[:, None].to(sub.response_mask)           # [B, R]
-    norm = Norm.of(pg_mask[rows.to(pg_mask.device)], cfg.rollout.max_new_tokens)
-    echo_on = cfg.echo.enabled and sub.clip_mask is not None
-    n_clip = float(sub.clip_mask[rows.to(sub.clip_mask.device)].sum()) if echo_on else 0.0
-    st = {"loss_pg": 0.0, "loss_echo": 0.0, "kl": 0.0, "clip_low": 0.0, "clip_high": 0.0}
-    for idx in slices:
-        mb, m = sub.select(idx), pg_mask[idx.to(pg_mask.device)]
-        with autocast(cfg, model):
-            logp, ent = response_logprobs(model, mb, temperature=T, chunk_size=cfg.train.logprob_chunk,
-                                          with_entropy=a.entropy_coef > 0)
-        loss, clip = policy_loss(logp, mb.old_logprobs, mb.advantages, m, policy_loss=a.policy_loss,
-                                 aggregation=a.aggregation, eps_low=a.eps_low, eps_high=a.eps_high,
-                                 norm=norm, dual_clip=a.dual_clip)
-        st["loss_pg"] += float(loss.detach())
-        st["clip_low"] += float(clip["clip_low"])
-        st["clip_high"] += float(clip["clip_high"])
-        if mb.ref_logprobs is not None and a.kl_coef > 0:
-            kl = aggregate(kl_k3(logp, mb.ref_logprobs), m, a.aggregation, norm)
-            loss = loss + a.kl_coef * kl
-            st["kl"] += float(kl.detach())
-        if a.entropy_coef > 0:
-            loss = loss - a.entropy_coef * aggregate(ent, m, a.aggregation, norm)
-        if echo_on and n_clip > 0:
-            le = echo_loss(logp, mb.clip_mask, cfg.echo.coef, n_clip)
-            loss = loss + le
-            st["loss_echo"] += float(le.detach())
-        loss.backward()
-    st["clip_low"] /= norm.n_tokens
-    st["clip_high"] /= norm.n_tokens
-    return st
+    `checkpoint`: a checkpoint folder to continue from (weights, optimizer, scheduler, stream and RNG
+    state). `reward_fn(responses, golds) -> rewards` replaces the verifier (default: reward.score_batch
+    with cfg.reward's settings). Global RNGs are seeded after every model is built or loaded, so the
+    run does not depend on whether the tiny warm start had to be built first."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    stream = train_stream(cfg)
+    base = model_source(cfg)
+    model, tok = load_policy(str(checkpoint) if checkpoint else base, cfg, device)
+    ref_model = None
+    if cfg.algo.kl_coef > 0:
+        ref_model = load_policy(base, cfg, device)[0].requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                            betas=tuple(cfg.train.betas))
+    sched = make_scheduler(opt, cfg)
+    seed_everything(cfg.train.seed)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    if reward_fn is None:
+        reward_fn = partial(reward.score_batch, workers=cfg.reward.workers, format_reward=cfg.reward.format_reward)
+    run = Run(cfg=cfg, model=model, tok=tok, opt=opt, sched=sched, stream=stream, reward_fn=reward_fn,
+              ref_model=ref_model, gen=gen, delims=delimiter_table(tok, cfg.echo.delimiter), eos=eos_ids(tok, model))
+    if checkpoint is not None:
+        run.step = load_checkpoint(checkpoint, opt, sched, stream, gen)
+    return run
 
 
-def update(model, opt, sched, batch: Rollout, cfg: Config, times: dict) -> dict:
-    """ppo_epochs x mini_batches optimizer steps over the batch, each with grad clipping."""
-    model.train()
-    sums, n_opt = {}, 0
-    keep = None
-    if cfg.echo.enabled and batch.clip_mask is not None:  # echo-only rows without a clip feed neither loss
-        keep = (batch.in_policy > 0) | (batch.clip_mask.sum(-1) > 0)
-    with timer(times, "update"):
-        for _ in range(cfg.train.ppo_epochs):
-            for slices in update_slices(batch.in_policy, cfg, keep):
-                opt.zero_grad(set_to_none=True)
-                st = accumulate_gradients(model, batch, cfg, slices)
-                st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
-                opt.step()
-                sched.step()
-                n_opt += 1
-                for k, v in st.items():
-                    sums[k] = sums.get(k, 0.0) + v
-        opt.zero_grad(set_to_none=True)  # no gradient buffers held through the next rollout
-    out = {k: v / n_opt for k, v in sums.items()}
-    out["clip_frac_low"], out["clip_frac_high"] = out.pop("clip_low"), out.pop("clip_high")
-    return {**out, "lr": sched.get_last_lr()[0]}
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
-def train_step(model, ref_model, opt, sched, tok, stream, cfg: Config, delims, eos, gen) -> tuple[dict, Rollout]:
-    times, stats = {}, {}
-    cuda = next(model.parameters()).is_cuda
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    batch = collect(model, tok, stream, cfg, times, stats)
-    dev = batch.response_ids.device
-    with timer(times, "advantages"):
-        pol = batch.in_policy > 0  # echo-only rows never enter the policy loss nor its batch statistics
-        adv = torch.zeros(len(batch))
-        if pol.any():
-            adv[pol] = ADVANTAGES[cfg.algo.advantage](batch.rewards[pol].float(), batch.group.cpu()[pol])
-        batch.advantages = adv.to(dev)
-        batch.in_policy = batch.in_policy.to(dev)
-    score_old_policy(model, ref_model, batch, cfg, times)
-    if cfg.echo.enabled:
-        with timer(times, "echo_select"):
-            sids = step_ids(batch.response_ids, batch.response_mask, delims, eos)
-            batch.clip_mask, echo_stats = select_clips(batch.correct.to(dev), batch.group, batch.response_mask,
-                                                       batch.entropies, sids, cfg.echo, generator=gen)
-            batch.extras["step_ids"] = sids
-        stats.update(echo_stats)
-    stats.update(update(model, opt, sched, batch, cfg, times))
-    live = batch.in_policy > 0
-    m = batch.response_mask[live]
-    stats.update({
-        "reward": float(batch.rewards[live.cpu()].mean()) if live.any() else 0.0,
-        "accuracy": float(batch.correct[live.cpu()].float().mean()) if live.any() else 0.0,
-        "entropy": float((batch.entropies[live] * m).sum() / m.sum().clamp_min(1)),
-        "response_len": float(batch.response_lengths[live].mean()) if live.any() else 0.0,
-        "truncated": float(batch.truncated[live].float().mean()) if live.any() else 0.0,
-        "batch_rows": float(len(batch)),
-    })
-    stats.update({f"time/{k}": v for k, v in times.items()})
-    if cuda:
-        stats["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    return stats, batch
-
-# ----------------------------------------------------------------------------------------
-# Evaluation, logging, checkpoints
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'train.device' is {name!r} but torch sees no CUDA device "
+                          f"(torch {torch.__version__}); on a CPU machine use --set train.device=cpu")
+    return dev
 
 
-def run_eval(model, tok, problems: dict, cfg: Config) -> dict:
-    from eval import evaluate
-    model.eval()
-    out = {}
-    for name, probs in problems.items():
-        with autocast(cfg, model):
-            res = evaluate(model, tok, probs, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=1.0,
-                           max_new_tokens=cfg.eval.max_new_tokens, template=cfg.data.template,
-                           system_prompt=cfg.data.system_prompt, batch_size=cfg.eval.batch_size, progress=False)
-        out[f"eval/{name}/acc"] = res["avg@n"]
-    return out
+_HF_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
-def dump_rollouts(batch: Rollout, tok, path: Path) -> None:
-    """One JSON line per rollout: text, tokens, entropies, step ids and EchoClip mask (for plots)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sids = batch.extras.get("step_ids")
-    with open(path, "w") as f:
-        for i in range(len(batch)):
-            n = int(batch.response_mask[i].sum())
-            ids = batch.response_ids[i, :n].tolist()
-            row = {"group": int(batch.group[i]), "correct": bool(batch.correct[i]), "reward": float(batch.rewards[i]),
-                   "prompt": batch.extras["prompts"][i], "gold": batch.extras["golds"][i], "text": batch.texts[i],
-                   "tokens": tok.convert_ids_to_tokens(ids), "token_text": [tok.decode([t]) for t in ids],
-                   "entropy": [round(x, 5) for x in batch.entropies[i, :n].tolist()],
-                   "step_ids": sids[i, :n].tolist() if sids is not None else None,
-                   "clip": batch.clip_mask[i, :n].int().tolist() if batch.clip_mask is not None else None}
-            f.write(json.dumps(row) + "\n")
+def model_source(cfg: Config) -> str:
+    """Where the policy's weights come from: 'tiny' -> the cached warm start (built on first use), a
+    local folder, or an HF hub id. A missing local folder is named as such, and a hub id that is
+    neither cached nor reachable fails at once instead of after the hub's retries."""
+    name = cfg.model.name_or_path
+    if name == "tiny":
+        import tiny
+        return str(tiny.warm_start(cfg.tiny))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path} has no config.json (model.name_or_path)")
+        return str(path)
+    if not _HF_ID.match(name):
+        raise FileNotFoundError(f"model folder not found: {path} (model.name_or_path)")
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return name
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("//")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        raise FileNotFoundError(f"model {name!r} (model.name_or_path) is not a local folder, not in the HF cache, "
+                                f"and {host} is unreachable: download it first, or point model.name_or_path at a "
+                                f"local folder") from None
+    return name
 
 
-def make_optimizer(model, cfg: Config):
-    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                             betas=tuple(cfg.train.betas))
+def load_policy(path: str, cfg: Config, device: torch.device):
+    """Policy (or reference) model and tokenizer with eval.py's loader (one code path)."""
+    from eval import load_model
+    model, tok = load_model(path, cfg.model.dtype, str(device), cfg.model.attn_implementation,
+                            init=cfg.model.init, config_overrides=cfg.model.config_overrides)
+    if cfg.model.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model, tok
+
+
+def train_stream(cfg: Config):
+    if cfg.data.train == "tiny":
+        import tiny
+        return tiny.ProblemStream(cfg.tiny, cfg.train.seed)
+    from data import ListStream, load_problems
+    return ListStream(load_problems(cfg.data.train, cfg.data.question_key, cfg.data.answer_key,
+                                    max_question_chars=cfg.data.max_question_chars), cfg.train.seed, cfg.data.shuffle)
+
+
+def eval_problems(cfg: Config) -> dict[str, list]:
+    from data import load_benchmark
+    import tiny
+    limit = cfg.eval.limit or None
+    return {name: tiny.heldout(cfg.tiny, limit) if name == "tiny" else
+            load_benchmark(name, cfg.eval.data_dir, limit, max_question_chars=cfg.data.max_question_chars)
+            for name in cfg.eval.benchmarks}
 
 
 def make_scheduler(opt, cfg: Config):
-    total = cfg.train.steps * cfg.train.ppo_epochs * cfg.train.mini_batches
-    w = cfg.train.warmup_steps * cfg.train.ppo_epochs * cfg.train.mini_batches
+    """Linear warm-up, then constant or cosine, counted in optimizer steps."""
+    per_step = cfg.train.ppo_epochs * cfg.train.mini_batches
+    total, w = cfg.train.steps * per_step, cfg.train.warmup_steps * per_step
 
     def lr_lambda(s: int) -> float:
         if s < w:
@@ -379,15 +486,53 @@ def make_scheduler(opt, cfg: Config):
         return 1.0
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
+# ========================================================================================
+# The harness: evaluation, logging, checkpoints, resume, stopping
+
+
+def run_eval(run: Run, problems: dict, progress: bool = True) -> dict:
+    from eval import evaluate
+    cfg = run.cfg
+    run.model.eval()
+    out = {}
+    for name, probs in problems.items():
+        with autocast(cfg, run.model):
+            res = evaluate(run.model, run.tok, probs, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=1.0,
+                           max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                           template=cfg.data.template, system_prompt=cfg.data.system_prompt,
+                           batch_size=cfg.eval.batch_size, progress=progress, desc=f"eval {name}", leave=False)
+        out[f"eval/{name}/acc"] = res["avg@n"]
+    return out
+
+
+def dump_rollouts(batch: Rollout, run: Run, path: Path) -> None:
+    """One JSON line per rollout: text, tokens, entropies, step ids and EchoClip mask (for plots)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sids = batch.extras.get("step_ids")
+    if sids is None:  # EchoRL off: the steps it would have used
+        sids = step_ids(batch.response_ids, batch.response_mask, run.delims, run.eos, run.cfg.echo.min_step_tokens)
+    tok = run.tok
+    with open(path, "w") as f:
+        for i in range(len(batch)):
+            n = int(batch.response_mask[i].sum())
+            ids = batch.response_ids[i, :n].tolist()
+            row = {"group": int(batch.group[i]), "correct": bool(batch.correct[i]), "reward": float(batch.rewards[i]),
+                   "prompt": batch.extras["prompts"][i], "gold": batch.extras["golds"][i], "text": batch.texts[i],
+                   "tokens": tok.convert_ids_to_tokens(ids), "token_text": [tok.decode([t]) for t in ids],
+                   "entropy": [round(x, 5) for x in batch.entropies[i, :n].tolist()],
+                   "step_ids": sids[i, :n].tolist(),
+                   "clip": batch.clip_mask[i, :n].int().tolist() if batch.clip_mask is not None else None}
+            f.write(json.dumps(row) + "\n")
+
 
 class Logger:
-    """JSONL metrics file (always), wandb (optional, offline by default)."""
+    """metrics.jsonl (always), wandb (optional, offline by default)."""
 
     def __init__(self, cfg: Config, out: Path, resume_step: int):
         self.path = out / "metrics.jsonl"
-        if self.path.exists():  # a fresh run starts a new file; a resumed one drops lines past its checkpoint
+        if self.path.exists():  # a resumed run drops the lines past its checkpoint
             lines = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in lines) if resume_step else "")
+            self.path.write_text("".join(l + "\n" for l in lines))
         self.wandb = None
         if cfg.log.wandb:
             import wandb
@@ -401,72 +546,199 @@ class Logger:
             self.wandb.log(metrics, step=step)
 
 
-def train(cfg: Config, resume: bool = False) -> list[dict]:
-    """Run the whole loop; returns the list of per-step metrics written this run."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+# Keys that may change when a run resumes (they change how long it runs or what it logs, not what it learns).
+RESUMABLE_CHANGES = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.threads", "reward.workers",
+                     "eval.", "log.")
+
+
+def prepare_out_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool) -> Path | None:
+    """Checks the run folder before any work; returns the checkpoint to resume from (or None).
+
+    A fresh run never writes into a folder that holds another run: it stops, unless `overwrite`
+    moves the old run aside. `resume` continues the folder's run from its latest checkpoint, with
+    the same config (keys that only change length or logging may differ; others need allow_changes)."""
     out = Path(cfg.train.out_dir)
+    saved = out / "config.json"
+    has_run = saved.exists() or (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
+    if not resume:
+        if has_run and not overwrite:
+            raise RunFolderError(
+                f"{out} already holds a run ({describe_run(out)}). Continue it with --resume, train into another "
+                f"folder with --set train.out_dir=..., or pass --overwrite to move the old run aside.")
+        if has_run:
+            aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(out, aside)
+            print(f"moved the previous run in {out} to {aside}")
+        return None
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        if has_run:
+            raise RunFolderError(f"--resume: {out} holds a run but no complete checkpoint to resume from "
+                                 f"({describe_run(out)}); start it again with --overwrite")
+        print(f"--resume: no run in {out}; starting a new one")
+        return None
+    if saved.exists():
+        changes = diff(json.loads(saved.read_text()), json.loads(json.dumps(to_dict(cfg))))
+        blocking = [c for c in changes if not c.split(":")[0].startswith(RESUMABLE_CHANGES)]
+        if blocking and not allow_changes:
+            raise RunFolderError(f"--resume: the config differs from the one {out} was trained with:\n  "
+                                 + "\n  ".join(blocking) + "\nresume with the same config, or pass --allow-changes")
+    return ckpt
+
+
+class RunFolderError(RuntimeError):
+    pass
+
+
+def describe_run(out: Path) -> str:
+    """'grpo+echo, 60 of 60 steps, last checkpoint step_000060' from a run folder's files."""
+    parts = []
+    try:
+        c = json.loads((out / "config.json").read_text())
+        parts.append(f"{c['algo']['name']}{'+echo' if c['echo']['enabled'] else ''}, "
+                     f"{c['train']['steps']} steps planned")
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        parts.append(f"metrics up to step {json.loads(lines[-1])['step']}" if lines else "no metrics")
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    ck = latest_checkpoint(out)
+    parts.append(f"last checkpoint {ck.name}" if ck else "no checkpoint")
+    return ", ".join(parts)
+
+
+class StopAfterStep:
+    """Ctrl-C (SIGINT) asks the loop to stop after the current step, save it and exit; a second
+    Ctrl-C stops at once (the last saved checkpoint stays). Only in the main thread."""
+
+    def __enter__(self):
+        self.requested, self.old = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: stopping after this step and saving it (Ctrl-C again to stop now, without saving)")
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        return False
+
+
+class Interrupted(Exception):
+    """The run stopped on Ctrl-C after saving its last completed step."""
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
+          reward_fn: RewardFn | None = None, command: str = "train.py --config <config>") -> list[dict]:
+    """Run the whole loop into cfg.train.out_dir; returns the per-step metrics written by this call.
+    `command` (how the run was launched) is quoted in the closing lines' next steps."""
+    t_start = time.perf_counter()
+    ckpt = prepare_out_dir(cfg, resume, overwrite, allow_changes)
+    out = Path(cfg.train.out_dir)
+    heldout = eval_problems(cfg)  # data errors surface before the model is loaded
+    run = setup(cfg, checkpoint=ckpt, reward_fn=reward_fn)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        print(f"--resume: no checkpoint in {out / 'checkpoints'}, starting from scratch")
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    base = model_path(cfg)
-    model, tok = load_model(str(ckpt) if ckpt else base, cfg, cfg.train.device)
-    ref_model = None
-    if cfg.algo.kl_coef > 0:
-        ref_model = load_model(base, cfg, cfg.train.device)[0].requires_grad_(False)
-    opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg)
-    stream = train_stream(cfg)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    start = 0
+    (out / "config.json.tmp").write_text(json.dumps(to_dict(cfg), indent=2))
+    os.replace(out / "config.json.tmp", out / "config.json")
     if ckpt:
-        start = load_checkpoint(ckpt, opt, sched, stream, gen)
-        print(f"resumed from {ckpt} at step {start}")
-    logger = Logger(cfg, out, start)
-    delims = delimiter_table(tok, cfg.echo.delimiter)
-    eos = eos_ids(tok, model)
-    heldout = eval_problems(cfg)
-    history = []
-    if start == 0 and heldout and cfg.eval.at_start:
-        m0 = run_eval(model, tok, heldout, cfg)
-        print("eval before RL:", {k: round(v, 4) for k, v in m0.items()})
-        logger.log(0, m0)
-    bar = tqdm(range(start, cfg.train.steps), desc=f"{cfg.algo.name}{'+echo' if cfg.echo.enabled else ''}",
-               initial=start, total=cfg.train.steps)
-    for step in bar:
-        t0 = time.perf_counter()
-        metrics, batch = train_step(model, ref_model, opt, sched, tok, stream, cfg, delims, eos, gen)
-        metrics["time/step"] = time.perf_counter() - t0
-        s = step + 1
-        if (cfg.eval.every and s % cfg.eval.every == 0) or s == cfg.train.steps:
-            metrics.update(run_eval(model, tok, heldout, cfg))
-        if cfg.log.log_rollouts_every and (s % cfg.log.log_rollouts_every == 0 or s == 1):
-            dump_rollouts(batch, tok, out / "rollouts" / f"step_{s:06d}.jsonl")
-        logger.log(s, metrics)
-        history.append({"step": s, **metrics})
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", degen=f"{metrics['frac_degenerate']:.2f}",
-                        **{k.split("/")[1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("eval/")})
-        if (cfg.train.save_every and s % cfg.train.save_every == 0) or s == cfg.train.steps:
-            save_checkpoint(out, s, model, tok, opt, sched, stream, gen, cfg.train.keep_checkpoints)
+        print(f"resumed from {ckpt} at step {run.step}")
+    logger = Logger(cfg, out, run.step)
+    history, saved_step, start = [], run.step, {}
+    if run.step == 0 and heldout and cfg.eval.at_start:
+        start = {"step": 0, **run_eval(run, heldout)}
+        logger.log(0, {k: v for k, v in start.items() if k != "step"})
+    name = f"{cfg.algo.name}{'+echo' if cfg.echo.enabled else ''}"
+    bar = tqdm(total=cfg.train.steps, initial=run.step, desc=name, dynamic_ncols=True)
+    try:
+        with StopAfterStep() as stop:
+            while run.step < cfg.train.steps and not stop.requested:
+                t0 = time.perf_counter()
+                try:
+                    metrics, batch = train_step(run)
+                except NonFiniteError as e:
+                    raise NonFiniteError(f"step {run.step + 1}: {e}; stopped before the optimizer step, nothing "
+                                         f"saved; last good checkpoint: {latest_checkpoint(out) or 'none'}. "
+                                         f"Lower train.lr or check the data.") from None
+                metrics["time/step"] = time.perf_counter() - t0
+                s = run.step
+                if (cfg.eval.every and s % cfg.eval.every == 0) or s == cfg.train.steps:
+                    metrics.update(run_eval(run, heldout))
+                if cfg.log.log_rollouts_every and (s % cfg.log.log_rollouts_every == 0 or s == 1):
+                    dump_rollouts(batch, run, out / "rollouts" / f"step_{s:06d}.jsonl")
+                logger.log(s, metrics)
+                history.append({"step": s, **metrics})
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", degen=f"{metrics['frac_degenerate']:.2f}",
+                                **{k.split("/")[1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("eval/")})
+                if (cfg.train.save_every and s % cfg.train.save_every == 0) or s == cfg.train.steps or stop.requested:
+                    save_checkpoint(out, s, run.model, run.tok, run.opt, run.sched, run.stream, run.gen,
+                                    cfg.train.keep_checkpoints)
+                    saved_step = s
+    finally:
+        bar.close()
+    if run.step < cfg.train.steps:
+        raise Interrupted(f"stopped at step {run.step} of {cfg.train.steps}; checkpoint "
+                          f"{out / 'checkpoints' / f'step_{saved_step:06d}'}")
+    summary(cfg, [start] * bool(start) + history, time.perf_counter() - t_start, out, command)
     return history
+
+
+def summary(cfg: Config, rows: list[dict], wall: float, out: Path, command: str) -> None:
+    """The closing lines of a run: held-out accuracy before -> after, time, where things are, what next."""
+    py = _python()
+    evals = [h for h in rows if any(k.startswith("eval/") for k in h)]
+    lines = [f"done: {cfg.train.steps} steps of {cfg.algo.name}{' + EchoRL' if cfg.echo.enabled else ''} "
+             f"in {wall / 60:.1f} min"]
+    for key in sorted({k for h in evals for k in h if k.startswith("eval/")}):
+        pts = [(h["step"], h[key]) for h in evals if key in h]
+        lines.append(f"held-out {key.split('/')[1]} accuracy: " + " -> ".join(f"{v:.3f} (step {s})" for s, v in
+                                                                              [pts[0], pts[-1]][:len(pts)]))
+    last = latest_checkpoint(out)
+    lines.append(f"run folder: {out} (metrics.jsonl, rollouts/, checkpoints/{last.name if last else ''})")
+    lines.append("next:")
+    lines.append(f"  {py} plots.py {out}")
+    if last:
+        lines.append(f"  {py} eval.py --model {last}")
+    lines.append(f"  {py} {command} --resume --set train.steps={2 * cfg.train.steps}   # train further")
+    print("\n".join(lines))
+
+
+def _python() -> str:
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return "python"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
+    ap.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last checkpoint")
+    ap.add_argument("--overwrite", action="store_true", help="move a previous run in train.out_dir aside and start anew")
+    ap.add_argument("--allow-changes", action="store_true", help="--resume even if the config differs")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    hist = train(cfg, resume=args.resume)
-    evals = [h for h in hist if any(k.startswith("eval/") for k in h)]
-    if evals:
-        print("eval after RL:", {k: round(v, 4) for k, v in evals[-1].items() if k.startswith("eval/")})
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # HF's "loading/writing shards" bars would break the run's bar
+    command = f"train.py --config {args.config}" + "".join(f" --set {o}" for o in args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes, command=command)
+    except (ConfigError, DataError, RunFolderError, FileNotFoundError, NonFiniteError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    except Interrupted as e:
+        print(f"{e}; continue with: {_python()} {command} --resume")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted: stopped at once; the last saved checkpoint (if any) is intact; continue with --resume")
 
 
 if __name__ == "__main__":

@@ -160,21 +160,17 @@ def tiny_config(overrides: list[str] = ()):
 
 
 def cached_warm_model(cfg) -> Path | None:
-    """The folder train.model_path(cfg) would return, if the warm start is already cached (never builds)."""
+    """The folder train.model_source(cfg) would return, if the warm start is already cached (never builds)."""
     import tiny
-    import train
-    path = tiny.cache_path(*train.tiny_settings(cfg), cfg.tiny.cache_dir, seed=0)
+    path = tiny.cache_path(cfg.tiny)
     return path if (path / "config.json").exists() else None
 
 
 def random_model_dir(cfg, out: Path) -> Path:
     """A randomly initialised tiny Qwen2 of cfg.tiny's size (+ tokenizer) saved as an HF folder."""
     import tiny
-    t = cfg.tiny
     tok = tiny.build_tokenizer()
-    tiny.build_model(tok, seed=cfg.train.seed, hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
-                     num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-                     intermediate_size=t.intermediate_size).save_pretrained(out)
+    tiny.build_model(tok, cfg.tiny, seed=cfg.train.seed).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -186,3 +182,8 @@ def hand_rewards(group: torch.Tensor) -> torch.Tensor:
     row = torch.arange(len(g))
     kind = g % 3
     return (kind == 0) | ((kind == 1) & (row % 2 == 0))
+
+
+def hand_reward_fn(group_size: int):
+    """A reward function (train.RewardFn) giving hand_rewards by position: rows i*G .. i*G+G-1 are group i."""
+    return lambda texts, golds: hand_rewards(torch.arange(len(texts)) // group_size).float().tolist()

@@ -2,10 +2,10 @@
 
 Target: EchoRL on costs at most 1.03x the time and 1.01x the memory of a step without it.
 
-One batch of rollouts is collected and scored once (train.collect, advantages,
-train.score_old_policy). Then, on the same rollouts and from the same model + optimizer state:
+One batch of rollouts goes through the stages of train.train_step once (collect, advantages,
+old policy). Then, on the same rollouts and from the same model + optimizer state:
     off  train.update with echo disabled
-    on   entropy.step_ids + echorl.select_clips + train.update with the echo loss
+    on   train.echo_clips (step ids + select_clips) + train.update with the echo loss
 Runs are interleaved (off, on, off, on, ...) so drift in machine load hits both alike.
 
 With the warm-started tiny model (cached by train.py under .cache/tiny) real all-success groups
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from _common import (PeakMemory, cached_warm_model, clock, hand_rewards, isolated, machine, median,  # noqa: E402
+from _common import (PeakMemory, cached_warm_model, clock, hand_reward_fn, isolated, machine, median,  # noqa: E402
                      random_model_dir, resolve_device, table, tiny_config)
 
 QUICK = ["rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=16",
@@ -36,79 +36,65 @@ QUICK = ["rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_
 
 
 class Bench:
-    """Model, optimizer snapshot and one prepared batch; `run(on)` = one timed step remainder."""
+    """A run, an optimizer snapshot and one prepared batch; `run(on)` = one timed step remainder."""
 
-    def __init__(self, cfg, model, tok, batch, snap_model, snap_opt):
-        import train
-        self.cfg, self.model, self.batch = cfg, model, batch
-        self.cfg_off = copy.deepcopy(cfg)
+    def __init__(self, run, batch, snap_model, snap_opt):
+        self.run, self.batch = run, batch
+        self.cfg_on = run.cfg
+        self.cfg_off = copy.deepcopy(run.cfg)
         self.cfg_off.echo.enabled = False
         self.snap_model, self.snap_opt = snap_model, snap_opt
-        self.opt = train.make_optimizer(model, cfg)
-        self.delims = train.delimiter_table(tok, cfg.echo.delimiter)
-        self.eos = train.eos_ids(tok, model)
         self.device = str(batch.response_ids.device.type)
 
     def reset(self):
         """Same weights and Adam moments before every run (load_state_dict may alias: copy first)."""
-        import train
-        self.model.load_state_dict(self.snap_model)
-        self.opt.load_state_dict(copy.deepcopy(self.snap_opt))
+        self.run.model.load_state_dict(self.snap_model)
+        self.run.opt.load_state_dict(copy.deepcopy(self.snap_opt))
+        self.run.sched.last_epoch = 0
         self.batch.clip_mask = None
-        return train.make_scheduler(self.opt, self.cfg)
 
-    def run(self, on: bool, sched) -> dict:
+    def step(self, on: bool) -> dict:
         """Seconds of (selection +) update; the caller resets state first."""
         import train
-        b, dev = self.batch, self.device
+        run, b, dev = self.run, self.batch, self.device
+        run.cfg = self.cfg_on if on else self.cfg_off
         t0 = clock(dev)
-        echo = {}
-        if on:
-            gen = torch.Generator().manual_seed(self.cfg.train.seed)
-            sids = train.step_ids(b.response_ids, b.response_mask, self.delims, self.eos)
-            b.clip_mask, echo = train.select_clips(b.correct.to(b.response_ids.device), b.group, b.response_mask,
-                                                   b.entropies, sids, self.cfg.echo, generator=gen)
+        echo = train.echo_clips(b, run.cfg, run.delims, run.eos, torch.Generator().manual_seed(0)) if on else {}
         t_sel = clock(dev)
-        st = train.update(self.model, self.opt, sched, b, self.cfg if on else self.cfg_off, {})
+        st = train.update(run, b)
         t1 = clock(dev)
         return {"step": t1 - t0, "select": t_sel - t0, "n_clips": echo.get("echo/n_clips", 0.0),
                 "loss_echo": st["loss_echo"]}
 
     def timed(self, on: bool) -> dict:
-        return self.run(on, self.reset())
+        self.reset()
+        return self.step(on)
 
     def peak(self, on: bool) -> tuple[float, float]:
         """(peak MiB above the loaded state, absolute peak MiB) of one run."""
-        sched = self.reset()
+        self.reset()
         with PeakMemory(self.device) as pm:
-            self.run(on, sched)
+            self.step(on)
         return pm.peak_mib, pm.total_mib
 
 
-def prepare(cfg, model_dir: str, device: str, hand: bool):
-    """Model, tokenizer, one scored batch with old log-probs/entropies, and a mid-training snapshot:
-    the initial weights with the Adam moments of one update (so runs do not allocate them)."""
+def prepare(cfg, hand: bool):
+    """A run and one batch through the stages before the update, plus a mid-training snapshot: the
+    initial weights with the Adam moments of one update (so timed runs do not allocate them)."""
     import train
-    torch.manual_seed(cfg.train.seed)
-    model, tok = train.load_model(model_dir, cfg, device)
-    stats = {}
-    batch = train.collect(model, tok, train.train_stream(cfg), cfg, {}, stats)
-    dev = batch.response_ids.device
-    if hand:
-        batch.correct = hand_rewards(batch.group)
-        batch.rewards = batch.correct.float()
-    adv = train.ADVANTAGES[cfg.algo.advantage](batch.rewards.float(), batch.group.cpu())
-    batch.advantages = (adv * batch.in_policy).to(dev)
-    batch.in_policy = batch.in_policy.to(dev)
-    train.score_old_policy(model, None, batch, cfg, {})
-    snap_model = copy.deepcopy(model.state_dict())
-    opt = train.make_optimizer(model, cfg)
+    run = train.setup(cfg, reward_fn=hand_reward_fn(cfg.rollout.group_size) if hand else None)
+    batch = train.collect(run, {}, {})
+    train.compute_advantages(batch, cfg)
+    train.old_policy(run, batch)
+    snap_model = copy.deepcopy(run.model.state_dict())
     off = copy.deepcopy(cfg)
     off.echo.enabled = False
-    train.update(model, opt, train.make_scheduler(opt, cfg), batch, off, {})
-    snap_opt = copy.deepcopy(opt.state_dict())
-    model.load_state_dict(snap_model)
-    return model, tok, batch, snap_model, snap_opt
+    run.cfg = off
+    train.update(run, batch)
+    run.cfg = cfg
+    snap_opt = copy.deepcopy(run.opt.state_dict())
+    run.model.load_state_dict(snap_model)
+    return run, batch, snap_model, snap_opt
 
 
 def mem_child(spec: dict) -> tuple[float, float]:
@@ -116,11 +102,9 @@ def mem_child(spec: dict) -> tuple[float, float]:
     (first calls load code pages), then the measured run."""
     import train
     cfg = tiny_config(spec["overrides"])
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    model, tok = train.load_model(spec["model_dir"], cfg, "cpu")
+    run = train.setup(cfg)
     saved = torch.load(spec["state"], weights_only=False)
-    bench = Bench(cfg, model, tok, saved["batch"], saved["model"], saved["opt"])
+    bench = Bench(run, saved["batch"], saved["model"], saved["opt"])
     bench.timed(spec["on"])
     return bench.peak(spec["on"])
 
@@ -142,20 +126,22 @@ def main(argv=None):
     overrides = (QUICK if args.quick else []) + [f"train.device={device}", "echo.enabled=true", *args.overrides]
     repeats = 3 if args.quick else args.repeats
     cfg = tiny_config(overrides)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         warm = cached_warm_model(cfg) if args.model == "auto" else None
         if args.model == "warm":
-            warm = Path(train.model_path(cfg))
+            warm = Path(train.model_source(cfg))
         model_dir = str(warm or random_model_dir(cfg, Path(tmp) / "model"))
+        overrides.append(f"model.name_or_path={model_dir}")
+        if warm is None:  # random text never stops: score truncated rows, so the hand-made rewards stand
+            overrides.append("reward.truncated=score")
+        cfg = tiny_config(overrides)
         print(machine(device))
         print(f"model: {'warm-started tiny ' + model_dir if warm else 'random tiny (hand-set correctness)'}; "
               f"algo {cfg.algo.name}, {cfg.rollout.prompts_per_step} prompts x G={cfg.rollout.group_size}, "
               f"max_new_tokens {cfg.rollout.max_new_tokens}, micro-batch {cfg.train.micro_batch_size}")
-        model, tok, batch, snap_model, snap_opt = prepare(cfg, model_dir, device, hand=warm is None)
-        bench = Bench(cfg, model, tok, batch, snap_model, snap_opt)
+        run, batch, snap_model, snap_opt = prepare(cfg, hand=warm is None)
+        bench = Bench(run, batch, snap_model, snap_opt)
         c = batch.correct.view(-1, cfg.rollout.group_size)
         print(f"batch: {len(batch)} rollouts x {batch.response_ids.shape[1]} tokens, "
               f"{int(c.all(-1).sum())}/{c.shape[0]} all-success groups, "
@@ -176,7 +162,7 @@ def main(argv=None):
         else:
             state = Path(tmp) / "state.pt"
             torch.save({"batch": batch, "model": snap_model, "opt": snap_opt}, state)
-            specs = [{"overrides": overrides, "model_dir": model_dir, "state": str(state), "on": on}
+            specs = [{"overrides": overrides, "state": str(state), "on": on}
                      for _ in range(args.mem_repeats) for on in (False, True)]
             for s in tqdm(specs, desc="peak memory (fresh process each)"):
                 mem[s["on"]].append(isolated(mem_child, s))

@@ -2,8 +2,9 @@
 
 The model is Qwen2ForCausalLM built from a config.json (no weights needed) with the real
 tokenizer, so every tensor has its real size: vocabulary 151,936, 28 layers, hidden 1536.
-A random model never answers correctly, so the verifier is replaced by hand-made rewards
-(_common.hand_rewards: all-success, mixed and all-fail groups) and the step does everything a real one does:
+A random model never answers correctly, so the verifier is replaced by a reward function with hand-made
+rewards (_common.hand_reward_fn: all-success, mixed and all-fail groups, passed to train.setup) and the
+step does everything a real one does:
 advantages, EchoClips, the full PPO update. Random text rarely stops at EOS, so nearly every
 response runs to max_new_tokens: generation and memory are measured at their worst case
 (reward.truncated=score, so the hand-made rewards of truncated responses stand).
@@ -20,66 +21,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import ROOT, hand_rewards, machine, resolve_device, sync, table  # noqa: E402
+from _common import ROOT, hand_reward_fn, machine, resolve_device, sync, table  # noqa: E402
 
 PHASES = ["generate", "score", "advantages", "old_logprobs", "echo_select", "update"]
 
 
-def random_model(model_dir: str, cfg, device: str, layers: int = 0):
-    """Real-shape Qwen2 with random weights, in cfg.model.dtype, built directly on `device`
-    (`layers` > 0 keeps only that many layers: a smoke test on CPU)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from rollout import load_tokenizer
-    tok = load_tokenizer(model_dir)
-    mcfg = AutoConfig.from_pretrained(model_dir)
-    mcfg._attn_implementation = cfg.model.attn_implementation or "sdpa"
-    if layers:
-        mcfg.num_hidden_layers = layers
-        mcfg.layer_types = mcfg.layer_types[:layers] if getattr(mcfg, "layer_types", None) else None
-    torch.manual_seed(cfg.train.seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(mcfg, dtype=getattr(torch, cfg.model.dtype))
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, tok
-
-
-def run_steps(model, tok, cfg, n: int, label: str) -> list[dict]:
-    import reward
+def run_steps(cfg, n: int, label: str) -> list[dict]:
+    """n training steps of a run built by train.setup (model.init=random: the real shape, random weights)
+    with hand-made rewards (a random model never answers correctly)."""
     import train
-    G = cfg.rollout.group_size
-
-    def fake_scores(texts, golds, workers=1):  # hand-made correctness by group (see module doc)
-        return hand_rewards(torch.arange(len(texts)) // G).float().tolist()
-
-    reward.score_batch = fake_scores
-    opt = train.make_optimizer(model, cfg)
-    sched = train.make_scheduler(opt, cfg)
-    stream = train.train_stream(cfg)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    delims, eos = train.delimiter_table(tok, cfg.echo.delimiter), train.eos_ids(tok, model)
+    run = train.setup(cfg, reward_fn=hand_reward_fn(cfg.rollout.group_size))
     rows = []
     for i in range(n):
         t0 = time.perf_counter()
-        m, batch = train.train_step(model, None, opt, sched, tok, stream, cfg, delims, eos, gen)
+        m, batch = train.train_step(run)
         sync(batch.response_ids.device.type)
         m["time/step"] = time.perf_counter() - t0
         m["gen_tokens"] = float(batch.response_mask.sum())
         m["tokens_per_s"] = m["gen_tokens"] / m["time/generate"]
         print(f"[{label}] step {i + 1}: " + json.dumps({k: round(v, 4) for k, v in m.items()}), flush=True)
         rows.append(m)
-    del opt
+    del run
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
@@ -102,31 +72,26 @@ def main(argv=None):
     from config import load_config
     device = resolve_device(args.device)
     base = [f"train.device={device}", f"rollout.max_new_tokens={args.max_new_tokens}", "eval.benchmarks=[]",
-            "log.log_rollouts_every=0", "reward.workers=1", "reward.truncated=score"]
+            "log.log_rollouts_every=0", "reward.workers=1", "reward.truncated=score",
+            f"model.name_or_path={args.model_dir}", "model.init=random"]
+    if args.layers:
+        base.append(f"model.config_overrides={{num_hidden_layers: {args.layers}, max_window_layers: {args.layers}}}")
     if args.train_file:
         base.append(f"data.train={args.train_file}")
     cfg = load_config(args.config, base + args.overrides)
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
     print(machine(device), flush=True)
-
-    t0 = time.perf_counter()
-    model, tok = random_model(args.model_dir, cfg, device, args.layers)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"random-init model from {args.model_dir}: {n_params / 1e9:.3f} B parameters, {cfg.model.dtype} weights, "
-          f"autocast {cfg.model.autocast}, built in {time.perf_counter() - t0:.1f} s; "
-          f"{cfg.rollout.prompts_per_step} prompts x G={cfg.rollout.group_size}, gen batch "
+    print(f"random-init model of {args.model_dir}'s shape, {cfg.model.dtype} weights, autocast "
+          f"{cfg.model.autocast}; {cfg.rollout.prompts_per_step} prompts x G={cfg.rollout.group_size}, gen batch "
           f"{cfg.rollout.gen_batch_size}, micro-batch {cfg.train.micro_batch_size}", flush=True)
 
-    rows = run_steps(model, tok, cfg, args.steps, f"max_new_tokens={args.max_new_tokens}")
+    rows = run_steps(cfg, args.steps, f"max_new_tokens={args.max_new_tokens}")
     out = [[f"{i + 1}", r["gen_tokens"], r["tokens_per_s"], *(r.get(f"time/{p}", 0.0) for p in PHASES),
             r["time/step"], r.get("mem/peak_gib", 0.0)] for i, r in enumerate(rows)]
     headers = ["step", "gen tokens", "gen tok/s", *PHASES, "step s", "peak GiB"]
     if args.probe_len:
         pcfg = load_config(args.config, base + args.overrides + [
             f"rollout.max_new_tokens={args.probe_len}", "rollout.prompts_per_step=2", "rollout.gen_batch_size=16"])
-        r = run_steps(model, tok, pcfg, 1, f"probe max_new_tokens={args.probe_len}")[0]
+        r = run_steps(pcfg, 1, f"probe max_new_tokens={args.probe_len}")[0]
         out.append([f"probe ({args.probe_len} tok, 2x{pcfg.rollout.group_size} rows)", r["gen_tokens"],
                     r["tokens_per_s"], *(r.get(f"time/{p}", 0.0) for p in PHASES), r["time/step"], r.get("mem/peak_gib", 0.0)])
     print()

@@ -1,8 +1,8 @@
 """Seconds per phase of a training step on the tiny config (configs/tiny.yaml).
 
-Runs a few steps of train.train_step, set up as train.train does it (warm-started model, AdamW,
-scheduler, problem stream, delimiter table), and averages the `time/*` metrics that train_step
-records. The first step is a warm-up and is left out of the means.
+Runs a few steps of train.train_step on a run built by train.setup (as train.train builds it),
+and averages the `time/*` metrics that train_step records. The first step is a warm-up and is
+left out of the means.
 
 Usage (from the repo root):
     python benchmarks/bench_step.py [--quick] [--device cpu|cuda] [--steps 5] [--set key=value ...]
@@ -11,7 +11,6 @@ Usage (from the repo root):
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import tempfile
 import time
@@ -19,7 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -43,24 +41,12 @@ def main(argv=None):
     device = resolve_device(args.device)
     cfg = tiny_config((QUICK if args.quick else []) + [f"train.device={device}", *args.overrides])
     steps = 2 if args.quick else args.steps
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-
     with tempfile.TemporaryDirectory() as tmp:
-        path = str(random_model_dir(cfg, Path(tmp))) if args.quick else train.model_path(cfg)
-        model, tok = train.load_model(path, cfg, device)
-    opt = train.make_optimizer(model, cfg)
-    sched = train.make_scheduler(opt, cfg)
-    stream = train.train_stream(cfg)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    delims = train.delimiter_table(tok, cfg.echo.delimiter)
-    eos = train.eos_ids(tok, model)
-
+        if args.quick:
+            cfg.model.name_or_path = str(random_model_dir(cfg, Path(tmp)))
+        run = train.setup(cfg)
     print(machine(device))
-    print(f"model: {'random tiny' if args.quick else 'warm-started tiny ' + path}; algo {cfg.algo.name}"
+    print(f"model: {'random tiny' if args.quick else 'warm-started tiny'}; algo {cfg.algo.name}"
           f"{' + EchoRL' if cfg.echo.enabled else ''}, {cfg.rollout.prompts_per_step} prompts x "
           f"G={cfg.rollout.group_size}, max_new_tokens {cfg.rollout.max_new_tokens}, "
           f"micro-batch {cfg.train.micro_batch_size}, {steps} measured steps after 1 warm-up")
@@ -68,7 +54,7 @@ def main(argv=None):
     rows = []
     for i in tqdm(range(1 + steps), desc="train steps"):
         t0 = time.perf_counter()
-        metrics, _ = train.train_step(model, None, opt, sched, tok, stream, cfg, delims, eos, gen)
+        metrics, _ = train.train_step(run)
         if device == "cuda":
             torch.cuda.synchronize()
         metrics["time/step"] = time.perf_counter() - t0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -67,7 +68,7 @@ def run_one(config: str, overrides: list[str], out: Path) -> tuple[list[dict], f
         rows = [json.loads(l) for l in metrics.read_text().splitlines() if l]
         if rows and rows[-1]["step"] == cfg.train.steps:
             return rows, float(wall_file.read_text())
-    wall_file.unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished or outdated run of this study: start it again
     t0 = time.perf_counter()
     train.train(cfg)
     wall = time.perf_counter() - t0
@@ -161,10 +162,9 @@ def main(argv=None):
     common = STUDY + args.overrides
     base = load_config(args.config, common)
     key = f"eval/{base.eval.benchmarks[0]}/acc"
-    cached = base.model.name_or_path != "tiny" or tiny.cache_path(*train.tiny_settings(base), base.tiny.cache_dir,
-                                                                   seed=0).joinpath("config.json").exists()
+    cached = base.model.name_or_path != "tiny" or tiny.cache_path(base.tiny).joinpath("config.json").exists()
     t0 = time.perf_counter()
-    train.model_path(base)  # build the shared warm start once, before any run
+    train.model_source(base)  # build the shared warm start once, before any run
     warm = "from the cache" if cached else f"built in {(time.perf_counter() - t0) / 60:.1f} min"
     runs = plan(not args.no_ablations)
     rows, walls = {}, {}

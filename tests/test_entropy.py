@@ -178,6 +178,33 @@ def test_sentence_mode_merges_a_period_and_the_following_newline_into_one_bounda
     assert sids.tolist() == [[0] * 5 + [1] * 6]
 
 
+def test_leading_newlines_and_spaces_belong_to_the_first_content_step(tok):
+    """A response that opens with blank tokens must not get a whitespace-only first step (which, holding
+    the often uncertain first token, would win the entropy argmax and make a one-token EchoClip)."""
+    ids = _encode(tok, "\n \n1 + 2 = 3\n\\boxed{3}", ["\n", " ", "\n", "1", " +", " 2", " =", " 3", "\n",
+                                                    "\\boxed", "{", "3", "}"])
+    resp, mask = _batch([ids], 14, tok.pad_token_id)
+    sids = step_ids(resp, mask, delimiter_table(tok), [tok.eos_token_id])
+    # blanks 0..2 join the content of step 0 (3..8, ending at the newline); then \boxed{3} + EOS
+    assert sids.tolist() == [[0] * 9 + [1] * 5]
+
+
+def test_steps_shorter_than_min_tokens_merge_into_the_next_step(tok):
+    """Sentence mode splits a list marker "1." into a 2-token step; with min_tokens=3 it joins the sentence
+    after it. A run of short steps joins the next long one; the last step stays whatever its length."""
+    text = "1. Ann has 3. 2. Ben has 4. Ann has 7."
+    ids = _encode(tok, text, ["1", ".", " Ann", " has", " 3", ".", " 2", ".", " Ben", " has", " 4", ".",
+                              " Ann", " has", " 7", "."])
+    resp, mask = _batch([ids], 17, tok.pad_token_id)
+    table, eos = delimiter_table(tok, "sentence"), [tok.eos_token_id]
+    # plain split: "1." | " Ann has 3." | " 2." | " Ben has 4." | " Ann has 7." + EOS
+    assert step_ids(resp, mask, table, eos).tolist() == [[0] * 2 + [1] * 4 + [2] * 2 + [3] * 4 + [4] * 5]
+    # min 3: "1." (2 tokens) and " 2." (2) merge forward; the 4-token sentences stay
+    assert step_ids(resp, mask, table, eos, min_tokens=3).tolist() == [[0] * 6 + [1] * 6 + [2] * 5]
+    # min 5: every step but the last is short; each merges into the next
+    assert step_ids(resp, mask, table, eos, min_tokens=5).tolist() == [[0] * 17]
+
+
 # ----------------------------------------------------------------------------------------
 # Step reduction
 

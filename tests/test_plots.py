@@ -37,11 +37,11 @@ def test_step_table_gives_each_steps_text_mean_entropy_and_clip_flag():
     assert [r["in_clip"] for r in table] == [True, True, False]
 
 
-def test_step_table_splits_at_newlines_when_echorl_was_off():
-    table = plots.step_table({**ROLLOUT, "step_ids": None, "clip": None})
-    assert [r["text"] for r in table] == EXPECTED_TEXTS
-    assert [r["entropy"] for r in table] == pytest.approx([1.0, 2.0, 0.2])
-    assert [r["in_clip"] for r in table] == [False, False, False]
+def test_step_table_of_a_run_without_echorl_uses_its_step_ids_and_refuses_a_dump_without_them():
+    table = plots.step_table({**ROLLOUT, "clip": None})
+    assert [r["text"] for r in table] == EXPECTED_TEXTS and [r["in_clip"] for r in table] == [False] * 3
+    with pytest.raises(ValueError, match="no step ids"):
+        plots.step_table({**ROLLOUT, "step_ids": None})
 
 
 def metrics_rows():
@@ -93,10 +93,16 @@ def test_missing_metrics_file_is_an_error_naming_the_path(tmp_path):
     assert not (tmp_path / "plots").exists()
 
 
-def test_default_profile_is_the_first_clipped_rollout_of_the_latest_step_with_a_clip(tmp_path):
+def test_default_profile_is_the_clearest_clipped_rollout_of_the_latest_step_with_a_clip(tmp_path):
     write_run(tmp_path, clip_steps=(1, 2))
     step, row, rollout = plots.pick_rollout(tmp_path)
     assert (step, row) == (2, 1) and rollout == ROLLOUT
+    # among clipped rollouts: >= 3 steps first, then the largest peak margin (peak minus mean of the others)
+    two_steps = {**ROLLOUT, "step_ids": [0, 0, 0, 0, 0, 0, 1, 1]}            # margin 1.5 - 0.2, but 2 steps
+    flat = {**ROLLOUT, "entropy": [1.0] * 6 + [0.9, 0.9]}                    # 3 steps, margin 0.1
+    rows = [{**ROLLOUT, "clip": [0] * 8}, two_steps, flat, ROLLOUT]           # ROLLOUT: 3 steps, margin 1.4
+    (tmp_path / "rollouts" / "step_000002.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plots.pick_rollout(tmp_path)[:2] == (2, 3)
     step, row, _ = plots.pick_rollout(tmp_path, step=3, row=0)
     assert (step, row) == (3, 0)
     with pytest.raises(LookupError, match="step_000003.jsonl"):

@@ -19,7 +19,7 @@ def _replay(solution: str) -> int:
 
 
 def test_every_solution_line_is_correct_and_the_box_holds_the_answer():
-    cfg = tiny.TaskConfig(min_ops=1, max_ops=4, max_value=20, max_operand=9)
+    cfg = tiny.TinyConfig(min_ops=1, max_ops=4, max_value=20, max_operand=9)
     for p in tiny.make_split(cfg, 300, "train"):
         assert _replay(p.solution) == int(p.answer)
         assert 0 <= int(p.answer) <= cfg.max_value
@@ -28,7 +28,7 @@ def test_every_solution_line_is_correct_and_the_box_holds_the_answer():
 
 
 def test_splits_are_reproducible_and_heldout_never_reaches_training():
-    cfg = tiny.TaskConfig()
+    cfg = tiny.TinyConfig()
     held = tiny.make_split(cfg, 200, "heldout")
     assert [p.question for p in held] == [p.question for p in tiny.make_split(cfg, 200, "heldout")]
     held_q = {p.question for p in held}
@@ -38,7 +38,7 @@ def test_splits_are_reproducible_and_heldout_never_reaches_training():
 
 
 def test_problem_stream_resumes_from_its_state():
-    cfg = tiny.TaskConfig()
+    cfg = tiny.TinyConfig()
     a = tiny.ProblemStream(cfg, seed=3)
     a.next(5)
     state = a.state_dict()
@@ -59,7 +59,7 @@ def test_tokenizer_round_trips_task_text_without_unknown_tokens():
     tok = tiny.build_tokenizer()
     rng = random.Random(0)
     for _ in range(100):
-        p = tiny.make_problem(rng, tiny.TaskConfig())
+        p = tiny.make_problem(rng, tiny.TinyConfig())
         text = tok.apply_chat_template([{"role": "user", "content": p.question}], tokenize=False,
                                        add_generation_prompt=True) + p.solution
         ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -70,7 +70,7 @@ def test_tokenizer_round_trips_task_text_without_unknown_tokens():
 
 
 def test_warm_start_cache_key_changes_with_the_tokenizer_vocabulary(monkeypatch):
-    args = (tiny.TaskConfig(), tiny.ModelSize(), tiny.WarmStart())
+    args = (tiny.TinyConfig(),)
     before = tiny.cache_path(*args)
     assert tiny.cache_path(*args) == before  # deterministic
     real = tiny.build_tokenizer

@@ -6,48 +6,32 @@ from pathlib import Path
 import pytest
 import torch
 
-import tiny
 import train
 from rollout import concat
 from config import ConfigError, load_config
+from data import DataError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_random")
-    tok = tiny.build_tokenizer()
-    tiny.build_model(tok, seed=0, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, intermediate_size=64).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-def small_cfg(model_dir, tmp_path, *extra):
-    return load_config(None, [f"model.name_or_path={model_dir}", "data.train=tiny", "eval.benchmarks=[]",
-                              "rollout.group_size=4", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8",
-                              "train.micro_batch_size=8", "train.steps=4", "train.save_every=2",
-                              "log.log_rollouts_every=0", "reward.workers=1", f"train.out_dir={tmp_path}/run",
-                              "train.lr=1e-2", *extra])
+from conftest import SHARED, TINY, scripted, small_cfg
 
 
 def prepared_batch(model_dir, tmp_path, *extra, rewards=(1, 0, 0, 1, 1, 1, 0, 1)):
-    """One rollout batch with hand-set rewards (a random model solves nothing), old log-probs,
-    entropies and EchoClips, as train_step prepares it."""
-    cfg = small_cfg(model_dir, tmp_path, *extra)
-    torch.manual_seed(0)
-    model, tok = train.load_model(str(model_dir), cfg, "cpu")
-    batch = train.collect(model, tok, train.train_stream(cfg), cfg, {}, {})
-    r = torch.tensor(rewards, dtype=torch.float)
-    batch.rewards, batch.correct = r, r > 0
-    batch.advantages = train.ADVANTAGES[cfg.algo.advantage](r, batch.group)
-    train.score_old_policy(model, None, batch, cfg, {})
+    """One rollout batch with scripted rewards, advantages, old log-probs, entropies and EchoClips:
+    the stages of train_step before the update."""
+    cfg = small_cfg(model_dir, tmp_path, "reward.truncated=score", *extra)  # random text never stops
+    run = train.setup(cfg, reward_fn=scripted(rewards))
+    batch = train.collect(run, {}, {})
+    train.compute_advantages(batch, cfg)
+    train.old_policy(run, batch)
     if cfg.echo.enabled:
-        sids = train.step_ids(batch.response_ids, batch.response_mask, train.delimiter_table(tok), [0, 2])
-        batch.clip_mask, _ = train.select_clips(batch.correct, batch.group, batch.response_mask, batch.entropies,
-                                                sids, cfg.echo)
-    return cfg, model, batch
+        train.echo_clips(batch, cfg, run.delims, run.eos, run.gen)
+    return run, batch
+
+
+def accumulate(run, batch, cfg=None):
+    """The gradient of the whole batch as one mini-batch, in micro-batches of cfg.train.micro_batch_size."""
+    cfg = cfg or run.cfg
+    micro = train.micro_batches(len(batch), cfg.train.micro_batch_size)
+    return train.accumulate_gradients(run.model, batch, micro, cfg)
 
 
 def grads(model):
@@ -55,13 +39,13 @@ def grads(model):
 
 
 def test_first_update_sees_ratio_one_and_no_clipping(model_dir, tmp_path):
-    cfg, model, batch = prepared_batch(model_dir, tmp_path, "train.micro_batch_size=3")
-    model.train()
-    for idx in train.micro_batches(len(batch), cfg.train.micro_batch_size):
+    run, batch = prepared_batch(model_dir, tmp_path, "train.micro_batch_size=3")
+    run.model.train()
+    for idx in train.micro_batches(len(batch), run.cfg.train.micro_batch_size):
         mb = batch.select(idx)
-        logp, _ = train.response_logprobs(model, mb, temperature=1.0, chunk_size=cfg.train.logprob_chunk)
+        logp, _ = train.response_logprobs(run.model, mb, temperature=1.0, chunk_size=run.cfg.train.logprob_chunk)
         assert torch.equal(torch.exp(logp - mb.old_logprobs), torch.ones_like(logp))
-    st = train.accumulate_gradients(model, batch, cfg)
+    st = accumulate(run, batch)
     assert st["clip_low"] == 0.0 and st["clip_high"] == 0.0
 
 
@@ -69,17 +53,16 @@ def test_first_update_sees_ratio_one_and_no_clipping(model_dir, tmp_path):
 def test_gradient_does_not_depend_on_micro_batch_size(model_dir, tmp_path, method):
     """method.md pitfall 4: the same batch split 1, 2 or 4 ways gives the same gradient
     (policy loss + EchoRL loss; echo on with scope 'success' so mixed groups have clips too)."""
-    cfg, model, batch = prepared_batch(model_dir, tmp_path, f"algo.name={method}", "echo.scope=success",
-                                       "echo.coef=0.5", "algo.dynamic_sampling=false")
-    batch.in_policy = torch.ones(len(batch))
-    assert batch.clip_mask.sum() > 0
+    run, batch = prepared_batch(model_dir, tmp_path, f"algo.name={method}", "echo.scope=success",
+                                "echo.coef=0.5", "algo.dynamic_sampling=false")
+    assert batch.clip_mask.sum() > 0 and batch.in_policy.all()
     ref = None
     for mbs in (8, 4, 2):
-        c = copy.deepcopy(cfg)
+        c = copy.deepcopy(run.cfg)
         c.train.micro_batch_size = mbs
-        model.zero_grad(set_to_none=True)
-        train.accumulate_gradients(model, batch, c)
-        g = grads(model)
+        run.model.zero_grad(set_to_none=True)
+        accumulate(run, batch, c)
+        g = grads(run.model)
         if ref is None:
             ref = g
             assert sum(float(v.abs().sum()) for v in g.values()) > 0
@@ -91,29 +74,25 @@ def test_gradient_does_not_depend_on_micro_batch_size(model_dir, tmp_path, metho
 def test_all_success_batch_gives_zero_policy_gradient_and_nonzero_echo_gradient(model_dir, tmp_path):
     """method.md pitfall 5: zero-std groups contribute exactly nothing to the policy gradient."""
     ones = (1,) * 8
-    cfg, model, batch = prepared_batch(model_dir, tmp_path, "echo.enabled=false", rewards=ones)
-    batch.in_policy = torch.ones(len(batch))
+    run, batch = prepared_batch(model_dir, tmp_path, "echo.enabled=false", rewards=ones)
     assert (batch.advantages == 0).all()
-    model.zero_grad(set_to_none=True)
-    train.accumulate_gradients(model, batch, cfg)
-    assert all((g == 0).all() for g in grads(model).values())
+    run.model.zero_grad(set_to_none=True)
+    accumulate(run, batch)
+    assert all((g == 0).all() for g in grads(run.model).values())
 
-    cfg, model, batch = prepared_batch(model_dir, tmp_path, "echo.enabled=true", rewards=ones)
-    batch.in_policy = torch.ones(len(batch))
+    run, batch = prepared_batch(model_dir, tmp_path, "echo.enabled=true", rewards=ones)
     assert batch.clip_mask.sum() > 0
-    model.zero_grad(set_to_none=True)
-    train.accumulate_gradients(model, batch, cfg)
-    assert sum(float(g.abs().sum()) for g in grads(model).values()) > 0
+    run.model.zero_grad(set_to_none=True)
+    accumulate(run, batch)
+    assert sum(float(g.abs().sum()) for g in grads(run.model).values()) > 0
 
 
 def test_echo_disabled_update_is_bit_identical_to_echo_with_zero_coef(model_dir, tmp_path):
     states = []
     for flags in (["echo.enabled=false"], ["echo.enabled=true", "echo.coef=0.0"]):
-        cfg, model, batch = prepared_batch(model_dir, tmp_path, *flags)
-        batch.in_policy = torch.ones(len(batch))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        train.update(model, opt, train.make_scheduler(opt, cfg), batch, cfg, {})
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        run, batch = prepared_batch(model_dir, tmp_path, *flags)
+        train.update(run, batch)
+        states.append({k: v.clone() for k, v in run.model.state_dict().items()})
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
@@ -147,17 +126,17 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(model_dir, tmp_path,
 
 def test_config_errors_name_the_key_and_the_allowed_values(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'echo.coeff'.*'coef'"):
-        load_config(None, ["echo.coeff=0.1"])
+        load_config(None, [*TINY, "echo.coeff=0.1"])
     with pytest.raises(ConfigError, match=r"'algo.name': 'ppo' is not allowed.*'grpo'.*'gspo'"):
-        load_config(None, ["algo.name=ppo"])
+        load_config(None, [*TINY, "algo.name=ppo"])
     with pytest.raises(ConfigError, match=r"'echo.select': 'middle' is not allowed.*'peak'"):
-        load_config(None, ["echo.select=middle"])
+        load_config(None, [*TINY, "echo.select=middle"])
     with pytest.raises(ConfigError, match=r"'train.steps': expected an integer"):
-        load_config(None, ["train.steps=many"])
+        load_config(None, [*TINY, "train.steps=many"])
     with pytest.raises(ConfigError, match=r"'rollout.group_size' must be >= 2"):
-        load_config(None, ["rollout.group_size=1"])
+        load_config(None, [*TINY, "rollout.group_size=1"])
     with pytest.raises(ConfigError, match="expects key=value"):
-        load_config(None, ["echo.coef"])
+        load_config(None, [*TINY, "echo.coef"])
     with pytest.raises(FileNotFoundError, match="config file not found: .*nope.yaml"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
@@ -167,16 +146,16 @@ def test_config_errors_name_the_key_and_the_allowed_values(tmp_path):
 
 
 def test_set_values_are_parsed_as_yaml_and_floats_accept_exponents_without_a_dot():
-    c = load_config(None, ["train.lr=5e-4", "eval.benchmarks=[tiny, gsm8k]", "echo.clips_per_group=1",
+    c = load_config(None, [*TINY, "train.lr=5e-4", "eval.benchmarks=[tiny, gsm8k]", "echo.clips_per_group=1",
                            "algo.dual_clip=null"])
     assert c.train.lr == 5e-4 and c.eval.benchmarks == ["tiny", "gsm8k"]
     assert c.echo.clips_per_group == "1" and c.algo.dual_clip is None
 
 
 def test_presets_fill_unset_keys_and_explicit_keys_win():
-    c = load_config(None, ["algo.name=dapo"])
+    c = load_config(None, [*TINY, "algo.name=dapo"])
     assert (c.algo.eps_low, c.algo.eps_high, c.algo.aggregation, c.algo.dynamic_sampling) == (0.2, 0.28, "token-mean", True)
-    c = load_config(None, ["algo.name=dapo", "algo.eps_high=0.3"])
+    c = load_config(None, [*TINY, "algo.name=dapo", "algo.eps_high=0.3"])
     assert c.algo.eps_high == 0.3
 
 
@@ -187,7 +166,7 @@ def test_missing_train_file_and_malformed_row_are_clear_errors(model_dir, tmp_pa
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?"\n')
     cfg = small_cfg(model_dir, tmp_path, f"data.train={bad}")
-    with pytest.raises(ValueError, match=r"bad.jsonl.*2"):
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2"):
         train.train_stream(cfg)
 
 
@@ -218,24 +197,16 @@ def test_qwen_config_runs_one_step_with_real_tokenizer_and_shrunk_model(tmp_path
     assert (tmp_path / "run" / "checkpoints" / "step_000001" / "model.safetensors").exists()
 
 
-def test_dapo_dynamic_sampling_drops_zero_std_groups_refills_and_keeps_success_groups_for_echo(
-        model_dir, tmp_path, monkeypatch):
+def test_dapo_dynamic_sampling_drops_zero_std_groups_refills_and_keeps_success_groups_for_echo(model_dir, tmp_path):
     """Round 1 (2 prompts): [1, 1] all-success -> dropped from the policy but kept for EchoRL,
     [1, 0] mixed -> kept. Round 2 asks for the 1 missing prompt: [1, 0] -> kept. The batch is the
     2 policy groups followed by the echo-only group (in_policy = 0)."""
     cfg = small_cfg(model_dir, tmp_path, "algo.name=dapo", "rollout.prompts_per_step=2", "rollout.group_size=2",
                     "echo.enabled=true", "echo.keep_dropped_groups=true", "algo.overlong_buffer=0",
                     "reward.truncated=score")  # a random model never stops: score truncated rows too
-    rounds = iter([[1, 1, 1, 0], [1, 0]])
-
-    def scripted(texts, golds, **kw):
-        return [float(x) for x in next(rounds)]
-
-    monkeypatch.setattr(train.reward, "score_batch", scripted)
-    torch.manual_seed(0)
-    model, tok = train.load_model(str(model_dir), cfg, "cpu")
+    run = train.setup(cfg, reward_fn=scripted([1, 1, 1, 0], [1, 0]))
     stats = {}
-    batch = train.collect(model, tok, train.train_stream(cfg), cfg, {}, stats)
+    batch = train.collect(run, stats, {})
     assert stats["sampling_rounds"] == 2.0 and stats["frac_degenerate"] == 0.5
     assert batch.in_policy.tolist() == [1, 1, 1, 1, 0, 0]
     assert batch.correct.tolist() == [True, False, True, False, True, True]
@@ -250,29 +221,25 @@ def test_every_method_runs_a_training_step_with_echorl(model_dir, tmp_path, meth
     assert "echo/n_clips" in hist[0] and "time/echo_select" in hist[0]
 
 
-def test_dapo_step_with_only_degenerate_groups_trains_on_nothing_without_crashing(model_dir, tmp_path, monkeypatch):
+def test_dapo_step_with_only_degenerate_groups_trains_on_nothing_without_crashing(model_dir, tmp_path):
     """Every round all-fail: nothing survives dynamic sampling; the step still runs and changes nothing."""
     cfg = small_cfg(model_dir, tmp_path, "algo.name=dapo", "echo.enabled=false", "algo.max_sampling_rounds=1",
                     "algo.overlong_buffer=0")  # no length shaping: all-fail groups are truly constant
-    monkeypatch.setattr(train.reward, "score_batch", lambda texts, golds, **kw: [0.0] * len(texts))
-    torch.manual_seed(0)
-    model, tok = train.load_model(str(model_dir), cfg, "cpu")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    stats, batch = train.train_step(model, None, opt, train.make_scheduler(opt, cfg), tok, train.train_stream(cfg),
-                                    cfg, train.delimiter_table(tok), [0, 2], torch.Generator().manual_seed(0))
+    run = train.setup(cfg, reward_fn=lambda texts, golds: [0.0] * len(texts))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    stats, batch = train.train_step(run)
     assert len(batch) == 8 and batch.in_policy.sum() == 0 and stats["sampling_rounds"] == 2.0
     assert stats["frac_degenerate"] == 1.0 and stats["grad_norm"] == 0.0
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
 
 
 def test_old_logprobs_match_the_update_forward_exactly_with_several_mini_batches(model_dir, tmp_path):
-    cfg, model, batch = prepared_batch(model_dir, tmp_path, "train.mini_batches=3", "train.micro_batch_size=2")
-    model.train()
-    for mini in train.update_slices(batch.in_policy, cfg):
+    run, batch = prepared_batch(model_dir, tmp_path, "train.mini_batches=3", "train.micro_batch_size=2")
+    run.model.train()
+    for mini in train.update_slices(batch.in_policy, run.cfg):
         for idx in mini:
             mb = batch.select(idx)
-            logp, _ = train.response_logprobs(model, mb, temperature=1.0, chunk_size=cfg.train.logprob_chunk)
+            logp, _ = train.response_logprobs(run.model, mb, temperature=1.0, chunk_size=run.cfg.train.logprob_chunk)
             assert torch.equal(logp, mb.old_logprobs)
 
 
@@ -288,7 +255,7 @@ def test_mini_batches_split_policy_rows_and_echo_only_rows_separately(tmp_path):
         [([0, 1], [4, 5, 6]), ([2, 3], [7, 8, 9])]
     # micro-batches of 3: policy rows and echo-only rows never share one; `keep` drops echo-only
     # rows without a clip from the update (row 10 is the only one with a clip)
-    cfg = load_config(None, ["train.mini_batches=2", "train.micro_batch_size=3"])
+    cfg = load_config(None, [*TINY, "train.mini_batches=2", "train.micro_batch_size=3"])
     keep = torch.tensor([True] * 8 + [False, False, True, False])
     assert [[i.tolist() for i in mini] for mini in train.update_slices(in_policy, cfg)] == \
         [[[0, 1, 2], [3], [8, 9]], [[4, 5, 6], [7], [10, 11]]]
@@ -301,15 +268,84 @@ def test_echo_only_rows_at_zero_coef_leave_the_update_unchanged(model_dir, tmp_p
     change the policy update: each mini-batch keeps the policy rows it has without them."""
     states = []
     for extra in (False, True):
-        cfg, model, batch = prepared_batch(model_dir, tmp_path, "echo.enabled=true", "echo.coef=0.0",
-                                           "train.mini_batches=2")
-        batch.in_policy = torch.ones(len(batch))
+        run, batch = prepared_batch(model_dir, tmp_path, "echo.enabled=true", "echo.coef=0.0",
+                                    "train.mini_batches=2")
         if extra:  # 4 echo-only copies of rows 4..7 (group 1: all correct), appended as collect does
             echo = batch.select(torch.arange(4, 8))
             echo.in_policy = torch.zeros(4)
             batch = concat([batch, echo], 0)
             batch.group = torch.arange(len(batch) // 4).repeat_interleave(4)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        train.update(model, opt, train.make_scheduler(opt, cfg), batch, cfg, {})
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        train.update(run, batch)
+        states.append({k: v.clone() for k, v in run.model.state_dict().items()})
     assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])
+
+
+# ----------------------------------------------------------------------------------------
+# Loop-level behaviour of config switches
+
+
+def test_truncated_responses_score_zero_unless_told_to_verify_them(model_dir, tmp_path):
+    """A random model never emits EOS within 8 tokens: every row is truncated. `reward.truncated: zero`
+    overrides the verifier's 1.0 with 0 (and `correct` with False); `score` keeps the verdict."""
+    for mode, want in (("zero", 0.0), ("score", 1.0)):
+        run = train.setup(small_cfg(model_dir, tmp_path, f"reward.truncated={mode}"),
+                          reward_fn=lambda texts, golds: [1.0] * len(texts))
+        batch = train.collect(run, {}, {})
+        assert batch.truncated.all()
+        assert batch.rewards.tolist() == [want] * 8 and batch.correct.tolist() == [want == 1.0] * 8
+
+
+def test_format_reward_reaches_the_default_verifier(model_dir, tmp_path):
+    run = train.setup(small_cfg(model_dir, tmp_path, "reward.format_reward=0.25"))
+    assert run.reward_fn(["so \\boxed{3}", "it is 3", "\\boxed{4}"], ["4", "4", "4"]) == [0.25, 0.0, 1.0]
+
+
+def test_kl_term_is_zero_at_the_reference_and_acts_once_the_policy_moves(model_dir, tmp_path):
+    """k3 KL = exp(d) - d - 1 with d = ref - logp has value and gradient 0 at d = 0: with one optimizer
+    step per batch (policy == reference during it) the update equals kl_coef=0's exactly; with two
+    mini-batches the second step sees a moved policy, a positive KL and a different update."""
+    states = {}
+    for minis in (1, 2):
+        for kl in (0.0, 1.0):
+            run, batch = prepared_batch(model_dir, tmp_path, f"algo.kl_coef={kl}", f"train.mini_batches={minis}")
+            assert (run.ref_model is None) == (kl == 0)
+            if kl:
+                assert torch.equal(batch.ref_logprobs, batch.old_logprobs)
+            stats = train.update(run, batch)
+            states[(minis, kl)] = {k: v.clone() for k, v in run.model.state_dict().items()}
+            if kl and minis == 2:
+                assert stats["kl"] > 0
+            if kl and minis == 1:
+                assert stats["kl"] == 0.0
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
+    assert same(states[(1, 0.0)], states[(1, 1.0)])
+    assert not same(states[(2, 0.0)], states[(2, 1.0)])
+
+
+def test_entropy_bonus_raises_the_policy_entropy(model_dir, tmp_path):
+    """All groups correct and EchoRL off: the policy loss is 0, so the update follows the entropy bonus
+    alone, and the mean token entropy of the same rollouts goes up."""
+    run, batch = prepared_batch(model_dir, tmp_path, "echo.enabled=false", "algo.entropy_coef=1.0",
+                                "train.lr=1e-3", rewards=(1,) * 8)
+    m = batch.response_mask
+    before = float((batch.entropies * m).sum() / m.sum())
+    stats = train.update(run, batch)
+    assert stats["entropy_bonus"] == pytest.approx(before, rel=1e-5)  # first update: the old entropies
+    with torch.no_grad():
+        _, ent = train.response_logprobs(run.model, batch, temperature=1.0, with_entropy=True)
+    assert float((ent * m).sum() / m.sum()) > before
+
+
+def test_ppo_epochs_take_epochs_x_mini_batches_optimizer_steps_on_the_same_rollouts(model_dir, tmp_path):
+    """Two epochs: 2 x 2 optimizer steps (the scheduler counts them); the second epoch's ratios are no
+    longer 1, so its clip statistics or loss differ from a second single-epoch update's."""
+    run, batch = prepared_batch(model_dir, tmp_path, "train.ppo_epochs=2", "train.mini_batches=2",
+                                "train.lr=0.05")
+    train.update(run, batch)
+    assert run.sched.last_epoch == 4 and run.opt.state[next(iter(run.opt.state))]["step"] == 4
+    one, batch1 = prepared_batch(model_dir, tmp_path, "train.ppo_epochs=1", "train.mini_batches=2",
+                                 "train.lr=0.05")
+    train.update(one, batch1)
+    assert one.sched.last_epoch == 2
+    differ = [k for k, v in one.model.state_dict().items() if not torch.equal(v, run.model.state_dict()[k])]
+    assert differ  # the second epoch moved the weights further
