@@ -36,7 +36,7 @@ class ModelConfig:
     name_or_path: str | None = None   # required: "tiny" (the embedded warm-started model), an HF id or a local dir
     init: Literal["pretrained", "random"] = "pretrained"  # random: name_or_path's architecture, random weights
     config_overrides: dict = field(default_factory=dict)  # set on the HF config before building, e.g. {num_hidden_layers: 2}
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"       # weights (and optimizer states)
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"  # weights (and optimizer states)
     autocast: Literal["none", "bfloat16", "float16"] = "none"         # mixed precision for every forward
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
@@ -108,6 +108,7 @@ class TrainConfig:
     logprob_chunk: int = 1024         # tokens per chunk of the LM head + log-softmax
     seed: int = 0
     device: str = "auto"              # auto: cuda if visible, else cpu; "cuda" without a GPU stops at load
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # under torchrun; auto: nccl on GPUs, gloo on CPU
     threads: int = 0                  # torch CPU threads; 0 = torch default
     out_dir: str = "runs/tiny"
     save_every: int = 20

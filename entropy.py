@@ -11,9 +11,14 @@ from __future__ import annotations
 import torch
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for fp32/bf16/fp16 models, fp64 for fp64 ones (exactness checks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[N, H] x [V, H] -> fp32 logits [N, V] of the temperature-scaled distribution."""
-    logits = (h @ weight.to(h.dtype).T).float()
+    """[N, H] x [V, H] -> logits [N, V] of the temperature-scaled distribution, in at least fp32."""
+    logits = (h @ weight.to(h.dtype).T).to(_acc(h.dtype))
     return logits.div_(temperature) if temperature != 1.0 else logits
 
 
@@ -27,8 +32,8 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, temperature, chunk_size, with_entropy):
         N = h.shape[0]
-        lp = torch.empty(N, device=h.device, dtype=torch.float32)
-        ent = torch.zeros(N, device=h.device, dtype=torch.float32)
+        lp = torch.empty(N, device=h.device, dtype=_acc(h.dtype))
+        ent = torch.zeros(N, device=h.device, dtype=_acc(h.dtype))
         for s in range(0, N, chunk_size):
             logp = torch.log_softmax(_chunk_logits(h[s:s + chunk_size], weight, temperature), dim=-1)
             lp[s:s + chunk_size] = logp.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)
@@ -42,23 +47,24 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
     def backward(ctx, grad_lp, grad_ent):
         h, weight, targets, ent = ctx.saved_tensors
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        w32 = weight.float()
+        acc = _acc(h.dtype)
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if ctx.needs_input_grad[1] else None
+        w32 = weight.to(acc)
         for s in range(0, h.shape[0], ctx.chunk_size):
             sl = slice(s, s + ctx.chunk_size)
             hc = h[sl]
             logp = torch.log_softmax(_chunk_logits(hc, weight, ctx.temperature), dim=-1)     # [n, V]
             p = logp.exp()
-            g_lp = grad_lp[sl].float()[:, None]
+            g_lp = grad_lp[sl].to(acc)[:, None]
             d = -p * g_lp                                                                # (onehot - p) g_lp
             d.scatter_add_(-1, targets[sl, None], g_lp)
             if grad_ent is not None and bool((grad_ent[sl] != 0).any()):
-                d -= p * (logp + ent[sl, None]) * grad_ent[sl].float()[:, None]
+                d -= p * (logp + ent[sl, None]) * grad_ent[sl].to(acc)[:, None]
             d.div_(ctx.temperature)
             if grad_h is not None:
                 grad_h[sl] = (d @ w32).to(h.dtype)
             if grad_w is not None:
-                grad_w.addmm_(d.T, hc.float())
+                grad_w.addmm_(d.T, hc.to(acc))
         return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None
 
 
@@ -67,7 +73,7 @@ def token_logprobs_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, t
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked log p(target) and full-vocabulary entropy (both differentiable).
 
-    hidden [B, T, H] (the state that predicts token t), targets [B, T] -> ([B, T], [B, T]) fp32.
+    hidden [B, T, H] (the state that predicts token t), targets [B, T] -> ([B, T], [B, T]) in at least fp32.
     Equal to the naive `log_softmax(hidden @ W.T)` up to float rounding, at O(chunk * V) memory.
     The entropy is zeros when `with_entropy` is False.
     """
@@ -87,9 +93,16 @@ def response_logprobs(model, batch, *, temperature: float = 1.0, chunk_size: int
     sampling temperature: the ratio compares the distributions the tokens were drawn from.
     """
     P, R = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids, use_cache=False)
-    hidden = out.last_hidden_state[:, P - 1:P + R - 1]                          # [B, R, H] predicts response
+    # The full model's forward (so wrappers such as FSDP run their hooks), keeping the logits of one
+    # position only; the decoder's final hidden states are taken with a hook on the inner model.
+    captured = []
+    hook = model.model.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+    try:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+              use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden = captured[0][:, P - 1:P + R - 1]                                     # [B, R, H] predicts response
     logp, ent = token_logprobs_entropy(hidden, model.get_output_embeddings().weight, batch.response_ids,
                                        temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)
     mask = batch.response_mask

@@ -37,33 +37,42 @@ def _group_stats(rewards: torch.Tensor, group: torch.Tensor):
     return centred, std[inv], size[inv]
 
 
-def adv_grpo(rewards, group, eps: float = 1e-6):
+def adv_grpo(rewards, group, eps: float = 1e-6, total=None):
     """GRPO: (r - mean_g) / (std_g + eps)."""
     centred, std, _ = _group_stats(rewards, group)
     return centred / (std + eps)
 
 
-def adv_drgrpo(rewards, group, eps: float = 1e-6):
+def adv_drgrpo(rewards, group, eps: float = 1e-6, total=None):
     """Dr. GRPO: r - mean_g (no std division, which over-weights easy/hard prompts)."""
     return _group_stats(rewards, group)[0]
 
 
-def adv_rloo(rewards, group, eps: float = 1e-6):
+def adv_rloo(rewards, group, eps: float = 1e-6, total=None):
     """RLOO: r_i - mean_{j != i} r_j  =  G / (G - 1) * (r_i - mean_g)."""
     centred, _, size = _group_stats(rewards, group)
     return centred * size / (size - 1).clamp_min(1)
 
 
-def adv_reinforce_pp_baseline(rewards, group, eps: float = 1e-6):
+def adv_reinforce_pp_baseline(rewards, group, eps: float = 1e-6, total=None):
     """REINFORCE++ (baseline): r - mean_g, then whitened over the batch.
 
     With equal group sizes the batch mean of group-centred rewards is exactly 0, so whitening
     reduces to dividing by the batch std; we skip the mean so zero-std groups stay exactly 0.
+    `total` sums a tensor over every process that holds part of the batch (None: this process holds
+    all of it); the std is then the batch's, whatever the number of processes.
     """
     a = adv_drgrpo(rewards, group)
-    return a / (a.std() + eps) if a.numel() > 1 else a
+    if total is None:
+        return a / (a.std() + eps) if a.numel() > 1 else a
+    n = total(torch.tensor([float(a.numel())], device=a.device))
+    mean = total(a.sum()[None]) / n
+    var = total(((a - mean) ** 2).sum()[None]) / (n - 1).clamp_min(1)
+    return a / (var.sqrt() + eps) if n.item() > 1 else a
 
 
+# The advantage table: fn(rewards [B], group [B], eps, total) -> advantages [B]. Group statistics are
+# local to a process (whole groups per rank); `total` is for the rare batch-wide statistic.
 ADVANTAGES = {"grpo": adv_grpo, "drgrpo": adv_drgrpo, "rloo": adv_rloo,
               "reinforce_pp_baseline": adv_reinforce_pp_baseline}
 

@@ -34,10 +34,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import dist
 import reward
 from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from config import Config, ConfigError, diff, load_config, to_dict
 from data import DataError
+from dist import World
 from echorl import echo_loss, select_clips
 from entropy import delimiter_table, response_logprobs, step_ids
 from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss
@@ -60,6 +62,8 @@ class Run:
     gen: torch.Generator              # EchoRL's random_step selection
     delims: dict                      # entropy.delimiter_table of echo.delimiter
     eos: list[int]                    # ids that end a response
+    sampler: torch.nn.Module | None = None  # the weights rollouts and evals sample from (None: the policy)
+    world: World = World()            # this process's place among torchrun's processes (dist.py)
     step: int = 0                     # completed steps
 
 
@@ -88,9 +92,10 @@ def sample(run: Run, problems: list) -> Rollout:
     """Stage 1: G responses per problem (rows i*G .. i*G+G-1 answer problem i); golds and prompts in extras."""
     cfg, rc = run.cfg, run.cfg.rollout
     prompts = render_prompts([p.question for p in problems], run.tok, cfg.data.template, cfg.data.system_prompt)
-    run.model.eval()
-    with autocast(cfg, run.model):
-        batch = generate(run.model, run.tok, prompts, group_size=rc.group_size, max_new_tokens=rc.max_new_tokens,
+    model = run.sampler or run.model
+    model.eval()
+    with autocast(cfg, model):
+        batch = generate(model, run.tok, prompts, group_size=rc.group_size, max_new_tokens=rc.max_new_tokens,
                          temperature=rc.temperature, top_p=rc.top_p, batch_size=rc.gen_batch_size or None)
     batch.extras.update(golds=[p.answer for p in problems for _ in range(rc.group_size)],
                         prompts=[p for p in prompts for _ in range(rc.group_size)])
@@ -113,40 +118,42 @@ def score(batch: Rollout, cfg: Config, reward_fn: RewardFn) -> None:
 
 
 def collect(run: Run, stats: dict, times: dict) -> Rollout:
-    """Stages 1-2 for one step's batch. With dynamic sampling (DAPO), zero-std groups are dropped and
-    refilled from new prompts (at most `max_sampling_rounds` extra rounds); with EchoRL on and
-    keep_dropped_groups, dropped all-success groups stay in the batch with in_policy = 0, so they
-    feed EchoClips only. Policy groups come first, then the echo-only groups."""
-    cfg = run.cfg
-    G, n_want = cfg.rollout.group_size, cfg.rollout.prompts_per_step
+    """Stages 1-2 for one step's batch (this rank's share of the prompts). With dynamic sampling (DAPO),
+    zero-std groups are dropped and refilled from new prompts (at most `max_sampling_rounds` extra
+    rounds; every rank runs the same rounds and draws the same number of prompts per round); with
+    EchoRL on and keep_dropped_groups, dropped all-success groups stay in the batch with in_policy = 0,
+    so they feed EchoClips only. Policy groups come first, then the echo-only groups."""
+    cfg, world = run.cfg, run.world
+    G, n_want = cfg.rollout.group_size, cfg.rollout.prompts_per_step // world.size
     kept, echo_only, n_kept, n_echo = [], [], 0, 0
     rounds = 1 + (cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 0)
     for r in range(rounds):
-        with timer(times, "generate"):
-            batch = sample(run, run.stream.next(n_want if r == 0 else n_want - n_kept))
-        with timer(times, "score"):
-            score(batch, cfg, run.reward_fn)
-        live = ~constant_groups(batch.rewards, G)                                   # [n_groups]
-        all_correct = batch.correct.view(-1, G).all(-1)                            # [n_groups]
+        n_draw = n_want if r == 0 else int(world.max(n_want - n_kept))   # a rank that is full draws and skips
+        problems, batch = run.stream.next(n_draw)[:n_want - n_kept], None
+        if problems:
+            with timer(times, "generate"):
+                batch = sample(run, problems)
+            with timer(times, "score"):
+                score(batch, cfg, run.reward_fn)
         if r == 0:
             first = batch
-            stats["frac_all_success"] = float(all_correct.float().mean())
-            stats["frac_all_fail"] = float((~batch.correct.view(-1, G)).all(-1).float().mean())
-            stats["frac_degenerate"] = float((~live).float().mean())
+            stats.update(group_stats(batch.correct, batch.rewards, G))
         if not cfg.algo.dynamic_sampling:
             kept.append(batch)
             break
-        rows = lambda gmask: torch.nonzero(gmask.repeat_interleave(G)).squeeze(-1)
-        take = live & (live.cumsum(0) <= n_want - n_kept)
-        kept.append(batch.select(rows(take)))
-        n_kept += int(take.sum())
-        if cfg.echo.enabled and cfg.echo.keep_dropped_groups:
-            drop = ~live & all_correct
-            drop &= drop.cumsum(0) <= n_want - n_echo
-            if drop.any():
-                echo_only.append(batch.select(rows(drop)))
-                n_echo += int(drop.sum())
-        if n_kept >= n_want:
+        if batch is not None:
+            live = ~constant_groups(batch.rewards, G)                              # [n_groups]
+            rows = lambda gmask: torch.nonzero(gmask.repeat_interleave(G)).squeeze(-1)
+            take = live & (live.cumsum(0) <= n_want - n_kept)
+            kept.append(batch.select(rows(take)))
+            n_kept += int(take.sum())
+            if cfg.echo.enabled and cfg.echo.keep_dropped_groups:
+                drop = ~live & batch.correct.view(-1, G).all(-1)
+                drop &= drop.cumsum(0) <= n_want - n_echo
+                if drop.any():
+                    echo_only.append(batch.select(rows(drop)))
+                    n_echo += int(drop.sum())
+        if world.all(n_kept >= n_want):
             break
     stats["sampling_rounds"] = float(r + 1)
     kept, echo_only = [b for b in kept if len(b)], [b for b in echo_only if len(b)]
@@ -163,13 +170,21 @@ def collect(run: Run, stats: dict, times: dict) -> Rollout:
     return batch
 
 
-def compute_advantages(batch: Rollout, cfg: Config) -> None:
+def group_stats(correct: torch.Tensor, rewards: torch.Tensor, G: int) -> dict:
+    """Shares of degenerate groups (constant rewards: zero advantage), all-success and all-fail."""
+    c = correct.view(-1, G)
+    return {"frac_all_success": float(c.all(-1).float().mean()), "frac_all_fail": float((~c).all(-1).float().mean()),
+            "frac_degenerate": float(constant_groups(rewards, G).float().mean())}
+
+
+def compute_advantages(batch: Rollout, cfg: Config, world: World = World()) -> None:
     """Stage 3: group-relative advantages of the policy rows (losses.ADVANTAGES). Echo-only rows get
-    0 and stay out of every batch statistic (REINFORCE++'s whitening)."""
+    0 and stay out of every batch statistic (REINFORCE++'s whitening, taken over all ranks' rows)."""
     pol = batch.in_policy > 0
     adv = torch.zeros_like(batch.rewards)
-    if pol.any():
-        adv[pol] = ADVANTAGES[cfg.algo.advantage](batch.rewards[pol], batch.group[pol])
+    total = world.sum if world.size > 1 else None
+    if pol.any() or total is not None:
+        adv[pol] = ADVANTAGES[cfg.algo.advantage](batch.rewards[pol], batch.group[pol], total=total)
     batch.advantages = adv
 
 
@@ -181,8 +196,11 @@ def old_policy(run: Run, batch: Rollout) -> None:
     cfg = run.cfg
     run.model.eval()
     lps, ents, refs = [], [], []
-    slices = [rows for mini in update_slices(batch.in_policy, cfg) for rows in mini]
+    slices = [rows for mini in even_out(update_slices(batch.in_policy, cfg), run.world) for rows in mini]
     for rows in slices:
+        if rows is None:  # another rank has one more micro-batch: a forward that keeps FSDP's collectives in step
+            response_logprobs(run.model, batch.select([0]), chunk_size=cfg.train.logprob_chunk)
+            continue
         mb = batch.select(rows)
         with autocast(cfg, run.model):
             lp, ent = response_logprobs(run.model, mb, temperature=cfg.rollout.temperature,
@@ -193,7 +211,7 @@ def old_policy(run: Run, batch: Rollout) -> None:
             with autocast(cfg, run.ref_model):
                 refs.append(response_logprobs(run.ref_model, mb, temperature=cfg.rollout.temperature,
                                               chunk_size=cfg.train.logprob_chunk)[0])
-    order = torch.cat(slices).argsort().to(batch.response_ids.device)
+    order = torch.cat([rows for rows in slices if rows is not None]).argsort().to(batch.response_ids.device)
     batch.old_logprobs, batch.entropies = torch.cat(lps)[order], torch.cat(ents)[order]
     batch.ref_logprobs = torch.cat(refs)[order] if refs else None
 
@@ -238,24 +256,34 @@ def microbatch_loss(logp: torch.Tensor, ent: torch.Tensor, mb: Rollout, norm: No
     return loss, stats
 
 
-def accumulate_gradients(model, batch: Rollout, micro: list[torch.Tensor], cfg: Config) -> dict:
+def accumulate_gradients(model, batch: Rollout, micro: list[torch.Tensor | None], cfg: Config,
+                         world: World = World()) -> dict:
     """Backward the loss of one mini-batch (the rows `micro`, one tensor of row indices per
-    micro-batch); gradients accumulate in .grad. Returns the mini-batch's summed statistics."""
-    rows = torch.cat(micro)
-    # Normalisers over the whole mini-batch, not per micro-batch: every micro-batch loss is then its
-    # exact share of the mini-batch loss, and the gradient does not depend on how the mini-batch is
-    # split (method.md pitfall 4). The echo term divides by the clip tokens of the mini-batch likewise.
-    norm = Norm.of(batch.policy_mask[rows], cfg.rollout.max_new_tokens)
-    n_clip = float(batch.clip_mask[rows].sum()) if batch.clip_mask is not None else 0.0
+    micro-batch; None: a step-keeping forward, see even_out); gradients accumulate in .grad.
+    Returns the mini-batch's summed statistics."""
+    rows = torch.cat([idx for idx in micro if idx is not None] or [torch.zeros(0, dtype=torch.long)])
+    # Normalisers over the whole mini-batch (on every rank), not per micro-batch: every micro-batch loss
+    # is then its exact share of the mini-batch loss, so the gradient does not depend on how the
+    # mini-batch is split into micro-batches or over processes (method.md pitfall 4). The echo term
+    # divides by the clip tokens of the mini-batch likewise.
+    mask = batch.policy_mask[rows]                                                   # [n, R]
+    clip = batch.clip_mask[rows].sum() if batch.clip_mask is not None else mask.new_zeros(())
+    counts = world.sum(torch.stack([(mask.sum(-1) > 0).sum().to(mask), mask.sum(), clip.to(mask)]).double())
+    norm = Norm(n_seqs=max(float(counts[0]), 1.0), n_tokens=max(float(counts[1]), 1.0),
+                max_len=cfg.rollout.max_new_tokens)
+    n_clip = float(counts[2])
     with_entropy = cfg.algo.entropy_coef > 0
     sums: dict[str, torch.Tensor] = {}
     for idx in micro:
-        mb = batch.select(idx)
+        mb = batch.select(idx if idx is not None else [0])
         with autocast(cfg, model):
             logp, ent = response_logprobs(model, mb, temperature=cfg.rollout.temperature,
                                           chunk_size=cfg.train.logprob_chunk, with_entropy=with_entropy)
+        if idx is None:  # keeps FSDP's collectives in step with the other ranks; adds nothing
+            (logp.sum() * 0.0).backward()
+            continue
         loss, stats = microbatch_loss(logp, ent, mb, norm, n_clip, cfg)
-        if not torch.isfinite(loss):
+        if world.size == 1 and not torch.isfinite(loss):  # under torchrun the global grad norm catches it
             raise NonFiniteError(f"non-finite loss ({float(loss.detach())}; policy part {float(stats['loss_pg'])})")
         loss.backward()
         for k, v in stats.items():
@@ -276,9 +304,9 @@ def update(run: Run, batch: Rollout) -> dict:
         keep = (batch.in_policy > 0) | (batch.clip_mask.sum(-1) > 0)
     sums, n_opt = {}, 0
     for _ in range(cfg.train.ppo_epochs):
-        for micro in update_slices(batch.in_policy, cfg, keep):
+        for micro in even_out(update_slices(batch.in_policy, cfg, keep), run.world):
             run.opt.zero_grad(set_to_none=True)
-            stats = accumulate_gradients(model, batch, micro, cfg)
+            stats = accumulate_gradients(model, batch, micro, cfg, run.world)
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
             if not math.isfinite(stats["grad_norm"]):
                 raise NonFiniteError(f"non-finite grad_norm ({stats['grad_norm']})")
@@ -288,6 +316,8 @@ def update(run: Run, batch: Rollout) -> dict:
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
     run.opt.zero_grad(set_to_none=True)  # no gradient buffers held through the next rollout
+    if run.sampler is not None:  # the sampling weights follow the policy
+        refresh_sampler(run)
     out = {k: v / max(n_opt, 1) for k, v in sums.items()}
     out["clip_frac_low"], out["clip_frac_high"] = out.pop("clip_low", 0.0), out.pop("clip_high", 0.0)
     for k in ("loss_pg", "loss_echo", "kl", "grad_norm"):
@@ -305,7 +335,7 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
     batch = collect(run, stats, times)
     stats["verifier/bound_hits"] = float(reward.STATS["bound_hits"] - hits_before)
     with timer(times, "advantages"):
-        compute_advantages(batch, run.cfg)
+        compute_advantages(batch, run.cfg, run.world)
     with timer(times, "old_logprobs"):
         old_policy(run, batch)
     if run.cfg.echo.enabled:
@@ -318,7 +348,7 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
     stats.update({f"time/{k}": v for k, v in times.items()})
     if cuda:
         stats["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    return stats, batch
+    return dist.reduce_metrics(stats, run.world), batch
 
 
 def batch_stats(batch: Rollout) -> dict:
@@ -364,38 +394,72 @@ def update_slices(in_policy: torch.Tensor, cfg: Config, keep: torch.Tensor | Non
         out.append([pol[i] for i in micro_batches(len(pol), size)] + [echo[i] for i in micro_batches(len(echo), size)])
     return out
 
+def even_out(slices: list[list[torch.Tensor]], world: World) -> list[list[torch.Tensor | None]]:
+    """Under torchrun, pad this rank's mini-batches (and each one's micro-batches) with None up to the
+    most any rank has: FSDP gathers weights in every forward and reduces gradients in every backward,
+    so all ranks must run as many. In one process: the slices unchanged."""
+    if world.size == 1:
+        return slices
+    slices = slices + [[] for _ in range(int(world.max(len(slices))) - len(slices))]
+    return [mini + [None] * (int(world.max(len(mini))) - len(mini)) for mini in slices]
+
 # ========================================================================================
 # Setup: one place that builds a run (train.py, the benchmarks and the tests all use it)
 
 
-def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | None = None) -> Run:
+def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | None = None,
+          world: World | None = None) -> Run:
     """Model, tokenizer, optimizer, scheduler, reference model, problem stream and reward function.
 
     `checkpoint`: a checkpoint folder to continue from (weights, optimizer, scheduler, stream and RNG
     state). `reward_fn(responses, golds) -> rewards` replaces the verifier (default: reward.score_batch
-    with cfg.reward's settings). Global RNGs are seeded after every model is built or loaded, so the
-    run does not depend on whether the tiny warm start had to be built first."""
+    with cfg.reward's settings). Under torchrun (`world`, default: dist.init) the policy is sharded
+    with FSDP2 and rollouts sample from a full copy of it (dist.py). Global RNGs are seeded after
+    every model is built or loaded, so the run does not depend on whether the tiny warm start had to
+    be built first."""
+    world = world or dist.init(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, world)
     stream = train_stream(cfg)
-    base = model_source(cfg)
+    if world.size > 1:
+        stream = dist.RankShare(stream, world)
+    base = world.on_main(model_source, cfg)  # rank 0 builds the tiny warm start (or checks the hub) once
     model, tok = load_policy(str(checkpoint) if checkpoint else base, cfg, device)
     ref_model = None
     if cfg.algo.kl_coef > 0:
         ref_model = load_policy(base, cfg, device)[0].requires_grad_(False).eval()
+    sampler = None
+    if world.size > 1:
+        import copy
+        sampler = copy.deepcopy(model).requires_grad_(False).eval()
+        compute = getattr(torch, cfg.model.autocast) if cfg.model.autocast != "none" else None
+        model = dist.shard(model, compute)
+        if ref_model is not None:
+            ref_model = dist.shard(ref_model, compute)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                             betas=tuple(cfg.train.betas))
     sched = make_scheduler(opt, cfg)
-    seed_everything(cfg.train.seed)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
+    seed_everything(cfg.train.seed + world.rank)
+    gen = torch.Generator().manual_seed(cfg.train.seed + world.rank)
     if reward_fn is None:
         reward_fn = partial(reward.score_batch, workers=cfg.reward.workers, format_reward=cfg.reward.format_reward)
     run = Run(cfg=cfg, model=model, tok=tok, opt=opt, sched=sched, stream=stream, reward_fn=reward_fn,
-              ref_model=ref_model, gen=gen, delims=delimiter_table(tok, cfg.echo.delimiter), eos=eos_ids(tok, model))
+              ref_model=ref_model, gen=gen, delims=delimiter_table(tok, cfg.echo.delimiter), eos=eos_ids(tok, model),
+              sampler=sampler, world=world)
     if checkpoint is not None:
-        run.step = load_checkpoint(checkpoint, opt, sched, stream, gen)
+        run.step = load_checkpoint(checkpoint, run)
     return run
+
+
+def refresh_sampler(run: Run) -> None:
+    """After an optimizer step: the sampling weights take the policy's new values."""
+    if run.world.size > 1:
+        dist.refresh_copy(run.sampler, run.model)
+    else:
+        with torch.no_grad():
+            for p, q in zip(run.model.parameters(), run.sampler.parameters(), strict=True):
+                q.copy_(p)
 
 
 def seed_everything(seed: int) -> None:
@@ -404,9 +468,11 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: World = World()) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world.size > 1:
+        name = f"cuda:{world.local_rank}"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key 'train.device' is {name!r} but torch sees no CUDA device "
@@ -491,17 +557,25 @@ def make_scheduler(opt, cfg: Config):
 
 
 def run_eval(run: Run, problems: dict, progress: bool = True) -> dict:
+    """Held-out accuracy (avg@n) per benchmark. Under torchrun each rank scores every size-th problem
+    with its sampling copy and the counts are summed."""
     from eval import evaluate
-    cfg = run.cfg
-    run.model.eval()
+    cfg, world = run.cfg, run.world
+    model = run.sampler or run.model
+    model.eval()
     out = {}
     for name, probs in problems.items():
-        with autocast(cfg, run.model):
-            res = evaluate(run.model, run.tok, probs, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=1.0,
+        mine = probs[world.rank::world.size]
+        with autocast(cfg, model):
+            res = evaluate(model, run.tok, mine, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=1.0,
                            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                            template=cfg.data.template, system_prompt=cfg.data.system_prompt,
-                           batch_size=cfg.eval.batch_size, progress=progress, desc=f"eval {name}", leave=False)
-        out[f"eval/{name}/acc"] = res["avg@n"]
+                           batch_size=cfg.eval.batch_size, progress=progress and world.main,
+                           desc=f"eval {name}", leave=False)
+        n = res["n"]
+        correct, samples = world.sum(torch.tensor([res["avg@n"] * len(mine) * n, len(mine) * n],
+                                                  dtype=torch.float64, device=world.device)).tolist()
+        out[f"eval/{name}/acc"] = correct / samples
     return out
 
 
@@ -638,24 +712,36 @@ class Interrupted(Exception):
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
           reward_fn: RewardFn | None = None, command: str = "train.py --config <config>") -> list[dict]:
     """Run the whole loop into cfg.train.out_dir; returns the per-step metrics written by this call.
-    `command` (how the run was launched) is quoted in the closing lines' next steps."""
+    `command` (how the run was launched) is quoted in the closing lines' next steps. Under torchrun
+    every rank runs this; rank 0 alone checks the folder, prints and writes files."""
     t_start = time.perf_counter()
-    ckpt = prepare_out_dir(cfg, resume, overwrite, allow_changes)
+    world = dist.init(cfg)
+    try:
+        return _train(cfg, world, resume, overwrite, allow_changes, reward_fn, command, t_start)
+    finally:
+        dist.close(world)
+
+
+def _train(cfg, world, resume, overwrite, allow_changes, reward_fn, command, t_start) -> list[dict]:
+    ckpt = world.on_main(prepare_out_dir, cfg, resume, overwrite, allow_changes)  # rank 0 decides for all
     out = Path(cfg.train.out_dir)
     heldout = eval_problems(cfg)  # data errors surface before the model is loaded
-    run = setup(cfg, checkpoint=ckpt, reward_fn=reward_fn)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json.tmp").write_text(json.dumps(to_dict(cfg), indent=2))
-    os.replace(out / "config.json.tmp", out / "config.json")
+    run = setup(cfg, checkpoint=ckpt, reward_fn=reward_fn, world=world)
+    say = print if world.main else (lambda *a, **k: None)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json.tmp").write_text(json.dumps(to_dict(cfg), indent=2))
+        os.replace(out / "config.json.tmp", out / "config.json")
     if ckpt:
-        print(f"resumed from {ckpt} at step {run.step}")
-    logger = Logger(cfg, out, run.step)
+        say(f"resumed from {ckpt} at step {run.step}")
+    logger = Logger(cfg, out, run.step) if world.main else None
     history, saved_step, start = [], run.step, {}
     if run.step == 0 and heldout and cfg.eval.at_start:
         start = {"step": 0, **run_eval(run, heldout)}
-        logger.log(0, {k: v for k, v in start.items() if k != "step"})
+        if logger:
+            logger.log(0, {k: v for k, v in start.items() if k != "step"})
     name = f"{cfg.algo.name}{'+echo' if cfg.echo.enabled else ''}"
-    bar = tqdm(total=cfg.train.steps, initial=run.step, desc=name, dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.steps, initial=run.step, desc=name, dynamic_ncols=True, disable=not world.main)
     try:
         with StopAfterStep() as stop:
             while run.step < cfg.train.steps and not stop.requested:
@@ -670,23 +756,25 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, allow_c
                 s = run.step
                 if (cfg.eval.every and s % cfg.eval.every == 0) or s == cfg.train.steps:
                     metrics.update(run_eval(run, heldout))
-                if cfg.log.log_rollouts_every and (s % cfg.log.log_rollouts_every == 0 or s == 1):
-                    dump_rollouts(batch, run, out / "rollouts" / f"step_{s:06d}.jsonl")
-                logger.log(s, metrics)
+                stop.requested = world.max(float(stop.requested)) > 0  # every rank stops after the same step
+                if logger:
+                    if cfg.log.log_rollouts_every and (s % cfg.log.log_rollouts_every == 0 or s == 1):
+                        dump_rollouts(batch, run, out / "rollouts" / f"step_{s:06d}.jsonl")
+                    logger.log(s, metrics)
                 history.append({"step": s, **metrics})
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", degen=f"{metrics['frac_degenerate']:.2f}",
                                 **{k.split("/")[1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("eval/")})
                 if (cfg.train.save_every and s % cfg.train.save_every == 0) or s == cfg.train.steps or stop.requested:
-                    save_checkpoint(out, s, run.model, run.tok, run.opt, run.sched, run.stream, run.gen,
-                                    cfg.train.keep_checkpoints)
+                    save_checkpoint(out, s, run, cfg.train.keep_checkpoints)
                     saved_step = s
     finally:
         bar.close()
     if run.step < cfg.train.steps:
         raise Interrupted(f"stopped at step {run.step} of {cfg.train.steps}; checkpoint "
                           f"{out / 'checkpoints' / f'step_{saved_step:06d}'}")
-    summary(cfg, [start] * bool(start) + history, time.perf_counter() - t_start, out, command)
+    if world.main:
+        summary(cfg, [start] * bool(start) + history, time.perf_counter() - t_start, out, command)
     return history
 
 
@@ -706,7 +794,8 @@ def summary(cfg: Config, rows: list[dict], wall: float, out: Path, command: str)
     lines.append(f"  {py} plots.py {out}")
     if last:
         lines.append(f"  {py} eval.py --model {last}")
-    lines.append(f"  {py} {command} --resume --set train.steps={2 * cfg.train.steps}   # train further")
+    launch = command if command.startswith("torchrun") else f"{py} {command}"
+    lines.append(f"  {launch} --resume --set train.steps={2 * cfg.train.steps}   # train further")
     print("\n".join(lines))
 
 
@@ -729,16 +818,22 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # HF's "loading/writing shards" bars would break the run's bar
     command = f"train.py --config {args.config}" + "".join(f" --set {o}" for o in args.overrides)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        command = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])} {command}"
+    main_rank = int(os.environ.get("RANK", 0)) == 0
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes, command=command)
     except (ConfigError, DataError, RunFolderError, FileNotFoundError, NonFiniteError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if main_rank else 1)
     except Interrupted as e:
-        print(f"{e}; continue with: {_python()} {command} --resume")
+        if main_rank:
+            print(f"{e}; continue with: {command if command.startswith('torchrun') else _python() + ' ' + command}"
+                  f" --resume")
         sys.exit(130)
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted: stopped at once; the last saved checkpoint (if any) is intact; continue with --resume")
+        sys.exit("\ninterrupted: stopped at once; the last saved checkpoint (if any) is intact; continue with --resume"
+                 if main_rank else 130)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """eval.py: metric formulas by hand, metric plumbing with scripted generations, resume, tiny CLI run."""
 import json
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -172,3 +173,62 @@ def test_cli_tiny_model(tmp_path, monkeypatch):
         raise AssertionError("everything is cached")
     monkeypatch.setattr(rollout, "generate", no_generation)
     assert ev.main(argv) == results   # a rerun reads the cache
+
+
+# --- the cache follows the weights; settings follow the run; bad arguments stop before any work -----
+
+def _save_random_model(path, seed):
+    tok = tiny.build_tokenizer()
+    tiny.build_model(tok, seed=seed, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, intermediate_size=64).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_new_weights_at_the_same_path_are_generated_again_not_read_from_the_cache(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    _save_random_model(model, seed=0)
+    argv = ["--model", str(model), "--benchmarks", "tiny", "--limit", "3", "--n", "2", "--max-new-tokens", "4",
+            "--out-dir", str(tmp_path / "out"), "--dtype", "float32", "--device", "cpu"]
+    ev.main(argv)
+    calls = []
+    real = rollout.generate
+    monkeypatch.setattr(rollout, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ev.main(argv)
+    assert calls == []                       # same weights: everything cached
+    time.sleep(0.01)
+    _save_random_model(model, seed=1)        # other weights copied to the same path
+    ev.main(argv)
+    assert calls                             # generated again
+    assert len(list((tmp_path / "out").glob("*__tiny.jsonl"))) == 2
+
+
+def test_a_run_checkpoint_is_scored_on_the_runs_own_tiny_task(tmp_path, capsys):
+    """--benchmarks tiny with a run checkpoint takes the task settings (here: 1-op problems) and the
+    protocol (n, temperature, max new tokens) from the run's saved config, and says so."""
+    from config import load_config, to_dict
+    run = tmp_path / "run"
+    ck = run / "checkpoints" / "step_000001"
+    _save_random_model(ck, seed=0)
+    cfg = load_config(None, ["model.name_or_path=tiny", "data.train=tiny", "tiny.max_ops=1", "eval.n=2",
+                             "eval.max_new_tokens=5"])
+    (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+    out = tmp_path / "out"
+    results = ev.main(["--model", str(ck), "--limit", "4", "--out-dir", str(out), "--dtype", "float32"])
+    assert f"eval settings from the run's config {run / 'config.json'}" in capsys.readouterr().out
+    assert results["tiny"]["n"] == 2 and results["tiny"]["mean_length"] <= 5
+    golds = [r["gold"] for r in json.loads(next(out.glob("*.json")).read_text())["records"]["tiny"]]
+    assert golds == [p.answer for p in tiny.heldout(cfg.tiny, 4)]               # the run's 1-op problems
+    assert golds != [p.answer for p in tiny.heldout(tiny.TinyConfig(), 4)]      # not the default task's
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "0"], r"--n must be >= 1, got 0"),
+    (["--n", "-1"], r"--n must be >= 1, got -1"),
+    (["--k", "0"], r"--k: every k must be in 1..n \(n = 4\), got '0'"),
+    (["--n", "2", "--k", "1,4"], r"--k: every k must be in 1..n \(n = 2\), got '1,4'"),
+    (["--k", "x"], r"--k: expected comma-separated integers"),
+])
+def test_bad_sampling_arguments_stop_before_loading_or_generating(tmp_path, monkeypatch, args, message):
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(SystemExit, match=message):
+        ev.main(["--model", str(tmp_path), "--benchmarks", "tiny", "--out-dir", str(tmp_path / "o"), *args])

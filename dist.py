@@ -1,0 +1,217 @@
+"""Many processes, many GPUs: what distribution needs, in one place (torchrun + torch.distributed + FSDP2).
+
+    torchrun --nproc_per_node 8 train.py --config configs/qwen7b.yaml                  # one node
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 train.py --config ...
+
+Without torchrun (no WORLD_SIZE in the environment) `World` is one process: every reduction below
+returns its input, nothing is sharded, and train.py runs its single-process code path unchanged.
+
+Under torchrun every process (rank) holds:
+  * the policy, sharded with FSDP2 `fully_shard` on each decoder layer and on the root: fp32 master
+    weights, gradients and AdamW states are split across ranks; forwards all-gather one layer at a
+    time (in bf16 when the config asks for it, via a MixedPrecisionPolicy);
+  * a full, unsharded copy of the policy for sampling (rollout.sampling_copy), refreshed after every
+    optimizer step by gathering each layer once (`refresh_copy`): generation never all-gathers per
+    token, and each rank can stop generating when its own rows are done;
+  * its own share of the step's prompts, whole groups (`RankShare`), so group advantages stay local.
+Every quantity the loss divides by is summed over ranks (`World.sum`), so N ranks holding B/N rows
+take the same optimizer step as one process holding all B rows (tests/test_dist.py).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # where reductions run (the rank's GPU under NCCL)
+
+    @property
+    def main(self) -> bool:
+        """Only rank 0 prints, shows progress bars and writes files."""
+        return self.rank == 0
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of x over ranks (x itself in one process)."""
+        if self.size == 1:
+            return x
+        x = x.clone()
+        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
+        return x
+
+    def max(self, n: float) -> float:
+        if self.size == 1:
+            return n
+        t = torch.tensor([float(n)], dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return type(n)(t.item())
+
+    def all(self, flag: bool) -> bool:
+        """True when `flag` is true on every rank."""
+        return flag if self.size == 1 else self.max(float(not flag)) == 0.0
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order (picklable objects)."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        torch_dist.all_gather_object(out, obj)
+        return out
+
+    def on_main(self, fn, *args):
+        """fn(*args) on rank 0 alone (one filesystem check, one download); its result, or the exception it
+        raised, reaches every rank."""
+        if self.size == 1:
+            return fn(*args)
+        out = None
+        if self.main:
+            try:
+                out = ("ok", fn(*args))
+            except Exception as e:  # re-raised on every rank below
+                out = ("error", e)
+        out = self.gather(out)[0]
+        if out[0] == "error":
+            raise out[1]
+        return out[1]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            torch_dist.barrier()
+
+
+def init(cfg) -> World:
+    """The world this process belongs to; under torchrun, the process group (checked before any work)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return World()
+    world = World(rank=int(os.environ["RANK"]), size=int(os.environ["WORLD_SIZE"]),
+                  local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    from config import ConfigError
+    if cfg.rollout.prompts_per_step % world.size:
+        raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} is not divisible by the "
+                          f"{world.size} processes: every rank samples the same number of whole groups")
+    device = cfg.train.device
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    backend = cfg.train.dist_backend if cfg.train.dist_backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise ConfigError("train.dist_backend 'nccl' needs CUDA devices; on CPU use 'gloo'")
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError(f"train.device {device!r} but torch sees no CUDA device")
+    if cuda:
+        torch.cuda.set_device(world.local_rank)
+    if not torch_dist.is_initialized():  # a second run in the same processes reuses the group
+        torch_dist.init_process_group(backend)
+    return World(rank=world.rank, size=world.size, local_rank=world.local_rank,
+                 device=torch.device("cuda", world.local_rank) if backend == "nccl" else torch.device("cpu"))
+
+
+def close(world: World) -> None:
+    if world.size > 1 and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None) -> torch.nn.Module:
+    """FSDP2 on each decoder layer and the root. `compute_dtype` (e.g. bf16): forwards and backwards run
+    in it while the sharded master weights, gradients and optimizer states stay in the model's dtype.
+    Gradients are summed over ranks, not averaged: the loss of each rank is already its share of the
+    global loss (global normalisers), so the sum is the full-batch gradient."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else \
+        MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for unit in fsdp_modules(model):  # each unit reduces its own gradients
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of an HF causal LM (model.model.layers for Llama/Qwen/Mistral-style models)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no model.layers to shard; add its block list to dist.decoder_layers")
+    return list(layers)
+
+
+def fsdp_modules(model: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@torch.no_grad()
+def refresh_copy(copy: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Copy the sharded policy's weights into the full sampling copy: each FSDP unit is gathered once
+    (unshard), copied, and sharded again; all ranks do the same collectives in the same order."""
+    mods = fsdp_modules(model)
+    for m in mods:
+        m.unshard()
+    for (name, p), (name2, q) in zip(model.named_parameters(), copy.named_parameters(), strict=True):
+        assert name == name2, (name, name2)
+        q.copy_(p.to_local() if hasattr(p, "to_local") else p)
+    for m in mods:
+        m.reshard()
+
+
+def full_state_dict(model: torch.nn.Module, world: World) -> dict | None:
+    """The whole model's state dict on rank 0 (on CPU), None elsewhere; a collective: every rank calls it."""
+    if world.size == 1:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if world.main else None
+
+
+class RankShare:
+    """A rank's share of a problem stream: every rank draws the same global sequence (same seed) and
+    keeps its own contiguous slice, so shares are distinct, reproducible, and together equal the
+    one-process stream. All ranks must call `next` with the same n."""
+
+    def __init__(self, stream, world: World):
+        self.stream, self.world = stream, world
+
+    def next(self, n: int) -> list:
+        return self.stream.next(n * self.world.size)[self.world.rank * n:(self.world.rank + 1) * n]
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, s):
+        self.stream.load_state_dict(s)
+
+
+# How a step's metrics combine over ranks: counts and each rank's share of a global loss add up;
+# times take the slowest rank; everything else (fractions of equal-size shares, norms) is averaged.
+SUMMED = ("loss_pg", "loss_echo", "kl", "entropy_bonus", "clip_frac_low", "clip_frac_high", "echo/n_clips",
+          "echo/success_groups", "batch_rows", "verifier/")
+SLOWEST = ("time/",)
+
+
+def reduce_metrics(metrics: dict, world: World) -> dict:
+    if world.size == 1:
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+    present = [k for k in set().union(*world.gather(keys))]
+    present.sort()
+    vals = torch.tensor([float(metrics.get(k, 0.0)) for k in present], dtype=torch.float64, device=world.device)
+    has = torch.tensor([float(k in metrics) for k in present], dtype=torch.float64, device=world.device)
+    total, count = world.sum(vals), world.sum(has)
+    slowest = vals.clone()
+    torch_dist.all_reduce(slowest, op=torch_dist.ReduceOp.MAX)
+    out = {}
+    for i, k in enumerate(present):
+        if k.startswith(SLOWEST):
+            out[k] = float(slowest[i])
+        elif k.startswith(SUMMED):
+            out[k] = float(total[i])
+        else:
+            out[k] = float(total[i] / count[i].clamp_min(1))
+    return out
