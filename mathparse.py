@@ -11,8 +11,9 @@ evalf at whatever precision it takes, and that can run for minutes on inputs lik
 whose every step is guarded.
 
 Work is bounded: nesting depth, the size of exact numbers, numeric exponents, and a wall-clock
-deadline checked at every atom. Breaking a bound raises BoundError; text that is not a math
-answer we understand raises ParseError (the caller then compares it as text).
+deadline checked at every atom. Breaking a bound raises BoundError, whose `reason` says which
+("size", "depth" or "time"); text that is not a math answer we understand raises ParseError (the
+caller then compares it as text).
 
 Tuples, intervals, unordered lists, equations and matrices get small containers rather than
 sympy's Interval/FiniteSet/Union, which evaluate eagerly (merging, sorting, comparing) and
@@ -35,7 +36,7 @@ MAX_EXPONENT = 10_000  # largest |numeric exponent|
 MAX_FACTORIAL = 450  # 450! has about 1000 digits
 MAX_ARGUMENT = 1e6  # numeric evaluation: largest |argument| of sin, exp, gamma, ...
 MAX_LOG2 = 1e5  # numeric evaluation: |log2 value| beyond this counts as overflow
-PARSE_SECONDS = 0.5
+PARSE_SECONDS = 0.5  # default deadline of parse()
 
 
 class ParseError(ValueError):
@@ -43,7 +44,12 @@ class ParseError(ValueError):
 
 
 class BoundError(RuntimeError):
-    """The input broke a size, depth or time bound."""
+    """The input broke a bound. `reason`: "size" (length, digits, exponent), "depth" (nesting)
+    or "time" (the deadline)."""
+
+    def __init__(self, reason, message):
+        super().__init__(reason, message)  # both in args, so that it survives pickling
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -128,11 +134,14 @@ _SIGNS = ("+", "-", r"\pm", r"\mp")
 _MIXED = re.compile(r"\\[dtc]?frac (?:\{ \d+ \} |\d )(?:\{ \d+ \} |\d )|\\[dtc]?frac \d\d ")
 
 
-def parse(text):
-    """Parse a normalised answer into a sympy expression or one of the containers above."""
+def parse(text, deadline=None):
+    """Parse a normalised answer into a sympy expression or one of the containers above, by
+    `deadline` (a time.perf_counter() time; default: PARSE_SECONDS from now)."""
     if _WORD.search(_ENV.sub("", text)):
         raise ParseError("text answer")
-    parser = _Parser(_tokenize(text))
+    if deadline is None:
+        deadline = time.perf_counter() + PARSE_SECONDS
+    parser = _Parser(_tokenize(text), deadline)
     items = parser.listed(parser.relation)
     if parser.peek() is not None:
         raise ParseError(f"unexpected {parser.peek()!r}")
@@ -154,10 +163,10 @@ def _tokenize(text):
 
 
 class _Parser:
-    def __init__(self, tokens):
+    def __init__(self, tokens, deadline):
         self.tokens, self.i, self.depth, self.bars = tokens, 0, 0, 0
         self.pm, self.saw_pm = 1, False  # the sign \pm stands for in this pass, see listed()
-        self.deadline = time.perf_counter() + PARSE_SECONDS
+        self.deadline = deadline
 
     def peek(self):
         return self.tokens[self.i][1] if self.i < len(self.tokens) else None
@@ -313,9 +322,9 @@ class _Parser:
     def atom(self, mixed=True):
         self.depth += 1
         if self.depth > MAX_DEPTH:
-            raise BoundError("nesting too deep")
+            raise BoundError("depth", "nesting too deep")
         if time.perf_counter() > self.deadline:
-            raise BoundError("parse time limit")
+            raise BoundError("time", "parse time limit")
         try:
             return self._atom(mixed)
         finally:
@@ -365,7 +374,7 @@ class _Parser:
 
     def number(self, tok, mixed):
         if len(tok) > MAX_DIGITS:
-            raise BoundError("number too long")
+            raise BoundError("size", "number too long")
         mantissa, _, exp10 = tok.lower().partition("e")
         value = fractions.Fraction(mantissa.rstrip(".") or "0")
         if self.peek() == r"\overline" and "." in mantissa:  # 0.1\overline{6} = 1/6
@@ -382,7 +391,7 @@ class _Parser:
             )
         if exp10:
             if abs(int(exp10)) > MAX_DIGITS:
-                raise BoundError("exponent too large")
+                raise BoundError("size", "exponent too large")
             value *= fractions.Fraction(10) ** int(exp10)
         number = sp.Rational(value.numerator, value.denominator)
         fraction = self.mixed_fraction() if mixed and tok.isdigit() else None
@@ -511,7 +520,7 @@ _MAX_RATIONAL = 10**MAX_DIGITS
 
 def _rational(value):
     if max(abs(value.p), value.q) > _MAX_RATIONAL:
-        raise BoundError("number too large")
+        raise BoundError("size", "number too large")
     return value
 
 
@@ -549,12 +558,12 @@ def _pow(base, exp):
     if exp.is_number and base not in (0, 1, -1):
         size = exp if exp.is_Rational else numeric(exp)
         if size is None or abs(size) > MAX_EXPONENT:
-            raise BoundError("exponent too large")
+            raise BoundError("size", "exponent too large")
     if base.is_Rational and exp.is_Integer:
         if base == 0 and exp < 0:
             raise ParseError("division by zero")
         if _digits(base) * abs(int(exp)) > MAX_DIGITS:  # checked before the power is computed
-            raise BoundError("power too large")
+            raise BoundError("size", "power too large")
         return _rational(base**exp)
     return sp.Pow(base, exp, evaluate=False)
 
@@ -579,7 +588,7 @@ def _factorial(n):
         if n < 0:
             raise ParseError("factorial of a negative integer")
         if n > MAX_FACTORIAL:
-            raise BoundError("factorial too large")
+            raise BoundError("size", "factorial too large")
         return sp.factorial(n)
     return sp.factorial(n, evaluate=False)
 
@@ -587,7 +596,7 @@ def _factorial(n):
 def _binomial(n, k):
     if _finite(n).is_Integer and _finite(k).is_Integer:
         if min(k, n - k) * math.log10(max(abs(int(n)), 2)) > MAX_DIGITS:
-            raise BoundError("binomial too large")
+            raise BoundError("size", "binomial too large")
         return sp.binomial(n, k)
     return sp.binomial(n, k, evaluate=False)
 

@@ -18,9 +18,10 @@ Equivalence, cheapest test first:
 
 Safety: model text is never evaluated as Python; mathparse builds sympy objects from a
 whitelist and lets sympy compute nothing but exact rational arithmetic. Work is bounded by
-input length, nesting depth, number sizes and exponents (checked before anything is computed),
-and a per-verification deadline checked as the comparison goes, which works in any thread or
-process. A verification that hits a bound returns False and is counted in STATS["bound_hits"].
+input length (only the response's tail is read, in linear time), nesting depth, number sizes
+and exponents (checked before anything is computed), and a deadline that starts with each
+verification and is checked as it goes, which works in any thread or process. A verification
+that hits a bound returns False and is counted in STATS, in total and by reason (bound_hits()).
 score_batch also kills and replaces a worker that overruns its timeout, as a last line of defence.
 """
 
@@ -41,19 +42,37 @@ from mathparse import (
 
 MAX_RESPONSE_CHARS = 10_000  # the answer sits at the end; a 2 MB response is cut to its tail
 MAX_ANSWER_CHARS = 1_000  # longer extracted answers are rejected (and counted as bound hits)
-TIME_LIMIT_S = 1.0  # per verification, checked cooperatively
+TIME_LIMIT_S = 1.0  # per verification, extraction included, checked cooperatively
 REL_TOL = 1e-6  # numbers that are not both rational
 SYM_TOL = 1e-9  # values of symbolic expressions at the test points (computed to ~29 digits)
 MIN_PARALLEL = 64  # smaller batches are scored in-process: worker round trips cost more
 
-STATS = Counter()  # "bound_hits": verifications stopped by a size, depth or time bound
+STATS = Counter()  # "bound_hits": verifications stopped by a bound; "bound_<reason>": by reason
+BOUND_REASONS = ("time", "size", "depth")  # deadline; length, digits, exponents; nesting
 _STATS_LOCK = threading.Lock()
+
+
+def bound_hits() -> dict[str, int]:
+    """A copy of the bound-hit counters: "bound_hits" (all) and "bound_time", "bound_size",
+    "bound_depth". The difference of two copies counts the bound hits of what ran between."""
+    with _STATS_LOCK:
+        return {key: STATS[key] for key in ("bound_hits", *(f"bound_{r}" for r in BOUND_REASONS))}
+
+
+def _count_bound(reason):
+    with _STATS_LOCK:
+        STATS["bound_hits"] += 1
+        STATS[f"bound_{reason}"] += 1
+
 
 # -- answer extraction
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*")
+_BARE = re.compile(r"[^\s${}]*")  # \boxed 5
+_BRACE = re.compile(r"\\.|[{}]", re.S)  # an escaped character (skipped) or a brace
 _HASHES = re.compile(r"####\s*([^\n]+)")
-_ANSWER_IS = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*:?\s*([^\n]+)", re.IGNORECASE)
+# "is\s*(?::\s*)?", not "is\s*:?\s*": two \s* side by side backtrack quadratically over blank lines
+_ANSWER_IS = re.compile(r"the\s+(?:final\s+)?answer\s+is\s*(?::\s*)?(\S[^\n]*)", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.(?:\s|$)")
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
@@ -73,28 +92,33 @@ def extract_answer(text: str, last_number: bool = True) -> str | None:
 
 
 def _last_boxed(text):
+    """The last \\boxed{...} / \\fbox{...} / \\boxed X that is not blank. Linear in the text: a group
+    that never closes is not scanned past again, as no group opening before it can close after it."""
+    end = len(text)
     for m in reversed(list(_BOXED.finditer(text))):
-        if m.end() < len(text) and text[m.end()] == "{":
-            content = _braced(text, m.end())
-        else:  # \boxed 5
-            content = re.match(r"[^\s${}]*", text[m.end() :]).group()
+        start, content = m.end(), None
+        if text.startswith("{", start):
+            close = _closing_brace(text, start, end)
+            if close is None:
+                end = start
+            else:
+                content = text[start + 1 : close]
+        else:
+            content = _BARE.match(text, start).group()
         if content and content.strip():
             return content.strip()
     return None
 
 
-def _braced(text, start):
-    """Content of the {...} group opening at text[start]; escaped \\{ \\} do not count."""
-    depth, i = 0, start
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
+def _closing_brace(text, start, end):
+    """Index of the } that closes the { at text[start], if it comes before text[end]; escaped
+    \\{ \\} do not count."""
+    depth = 0
+    for m in _BRACE.finditer(text, start, end):
+        c = m[0]
         depth += (c == "{") - (c == "}")
         if depth == 0:
-            return text[start + 1 : i]
-        i += 1
+            return m.start()
     return None
 
 
@@ -162,13 +186,22 @@ def _key(s):
     return "".join(s.split())
 
 
-@lru_cache(maxsize=1 << 14)
-def _parse(answer):
-    """Parsed value of a normalised answer, or None for text. BoundError propagates uncached."""
-    try:
-        return parse(answer)
-    except ParseError:
-        return None
+_PARSED, _MISSING = {}, object()  # normalised answer -> parsed value; emptied when full
+
+
+def _parse(answer, deadline):
+    """Parsed value of a normalised answer, or None for text. BoundError propagates uncached.
+    (Cached by hand: an lru_cache would key on the deadline too.)"""
+    value = _PARSED.get(answer, _MISSING)
+    if value is _MISSING:
+        try:
+            value = parse(answer, deadline)
+        except ParseError:
+            value = None
+        if len(_PARSED) >= 1 << 14:
+            _PARSED.clear()
+        _PARSED[answer] = value
+    return value
 
 
 # -- equivalence
@@ -176,23 +209,25 @@ def _parse(answer):
 
 def verify(response: str, gold: str) -> bool:
     """Is the final answer of `response` equivalent to the reference `gold`?"""
+    deadline = time.perf_counter() + TIME_LIMIT_S
     try:
         answer = extract_answer(response)
-        return answer is not None and _equivalent(_gold_answer(str(gold)), answer)
-    except (BoundError, RecursionError):  # RecursionError: Python's stack, a net behind MAX_DEPTH
-        with _STATS_LOCK:
-            STATS["bound_hits"] += 1
-        return False
+        return answer is not None and _equivalent(_gold_answer(str(gold)), answer, deadline)
+    except BoundError as e:
+        _count_bound(e.reason)
+    except RecursionError:  # Python's stack, a net behind mathparse.MAX_DEPTH
+        _count_bound("depth")
+    return False
 
 
-def _equivalent(gold, answer):
-    deadline = time.perf_counter() + TIME_LIMIT_S
+def _equivalent(gold, answer, deadline):
     if max(len(gold), len(answer)) > MAX_ANSWER_CHARS:
-        raise BoundError("answer too long")
+        raise BoundError("size", "answer too long")
     g, a = _normalize(gold), _normalize(answer)
+    _tick(deadline)  # extraction and normalisation, bounded by length, count against the deadline
     if _key(g) == _key(a):
         return True
-    gv, av = _parse(g), _parse(a)
+    gv, av = _parse(g, deadline), _parse(a, deadline)
     if gv is None or av is None:  # text answers such as \text{East}
         return _key(g).casefold() == _key(a).casefold()
     return _equal(gv, av, deadline)
@@ -200,7 +235,7 @@ def _equivalent(gold, answer):
 
 def _tick(deadline):
     if time.perf_counter() > deadline:
-        raise BoundError("time limit")
+        raise BoundError("time", "time limit")
 
 
 def _equal(x, y, deadline):
@@ -346,12 +381,13 @@ def score_batch(
     """score() over a batch, in order, on a persistent pool of `workers` processes (0: one per
     CPU). Bound hits in the workers are added to STATS. A chunk that runs past `timeout` seconds
     has its worker killed; its items are retried one at a time, and an item that times out alone
-    scores 0.0 and counts as a bound hit."""
+    scores 0.0 and counts as a bound hit of reason "time"."""
     if len(responses) != len(golds):
         raise ValueError(f"{len(responses)} responses but {len(golds)} golds")
     n, workers = len(responses), workers or os.cpu_count() or 1
     if workers == 1 or n < MIN_PARALLEL:
         return [score(r, g, format_reward) for r, g in zip(responses, golds)]
+    responses = [r[-MAX_RESPONSE_CHARS:] for r in responses]  # all score() reads; less to send
     size = max(8, min(64, -(-n // (4 * workers))))
     todo, scores = [(i, min(i + size, n)) for i in range(0, n, size)], [0.0] * n
     with _POOL_LOCK:
@@ -365,21 +401,21 @@ def score_batch(
                     scores[a:b], hits = job.get(timeout)
                 except multiprocessing.TimeoutError:
                     _close_pool()  # the only way to stop a runaway computation in a worker
-                    hits = int(b - a == 1)  # an item that timed out on its own
+                    hits = {"bound_hits": 1, "bound_time": 1} if b - a == 1 else {}  # timed out alone
                     retry = [(i, i + 1) for i in range(a, b)] if b - a > 1 else []
                     todo = retry + [(a2, b2) for a2, b2, _ in jobs[k + 1 :]]
                 with _STATS_LOCK:
-                    STATS["bound_hits"] += hits
+                    STATS.update(hits)  # adds
                 if todo:
                     break
     return scores
 
 
 def _score_span(responses, golds, format_reward):
-    """Runs in a worker: scores plus the bound hits they caused."""
-    before = STATS["bound_hits"]
+    """Runs in a worker: scores plus the bound hits they caused, by reason."""
+    before = bound_hits()
     scores = [score(r, g, format_reward) for r, g in zip(responses, golds)]
-    return scores, STATS["bound_hits"] - before
+    return scores, {key: n - before[key] for key, n in bound_hits().items()}
 
 
 _POOL, _POOL_SIZE, _POOL_LOCK = None, 0, threading.Lock()

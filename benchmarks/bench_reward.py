@@ -5,7 +5,9 @@
 Every MATH500 gold answer is wrapped in a typical response and verified against itself (the
 common, mostly-True case), and against the gold of another problem (mostly False, so both
 sides get parsed). Caches are cleared before each timed pass, so nothing is measured warm.
-The hostile inputs are those of tests/test_reward.py, one row each.
+The hostile inputs and the repetition loops are the tables of tests/reward_cases.py: one row for
+each hostile input, one row for each loop family (its verification at 10 KB and at 2 MB), and
+the time score_batch takes over 256 loop texts of each size.
 """
 
 import json
@@ -21,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from tqdm import tqdm  # noqa: E402
 
 import reward  # noqa: E402
-from tests.test_reward import HOSTILE  # noqa: E402
+from tests.reward_cases import HOSTILE, LOOP_SIZES, LOOPS, loop  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -31,8 +33,9 @@ def typical(answer):
 
 
 def clear_caches():
-    for cached in (reward._gold_answer, reward._normalize, reward._parse):
+    for cached in (reward._gold_answer, reward._normalize):
         cached.cache_clear()
+    reward._PARSED.clear()
 
 
 def rate(responses, golds, passes=5):
@@ -57,6 +60,35 @@ def batch_rate(responses, golds, workers):
     return len(responses) / (time.perf_counter() - start)
 
 
+def timed_verify(response, expected):
+    clear_caches()
+    start = time.perf_counter()
+    assert reward.verify(response, "2") is expected
+    return time.perf_counter() - start
+
+
+def loop_rows():
+    """Each loop family at each size, then score_batch over 256 loop texts per size."""
+    rows, worst = [], 0.0
+    for name, (*_, expected) in tqdm(LOOPS.items(), desc="repetition loops", leave=False):
+        seconds = [timed_verify(loop(name, size), expected) for size in LOOP_SIZES.values()]
+        worst = max(worst, *seconds)
+        rows.append((f"loop: {name}", " / ".join(f"{s:.4f} s" for s in seconds) + " (10 KB / 2 MB)"))
+    rows.append(("loop: worst case", f"{worst:.4f} s"))
+    names = [list(LOOPS)[i % len(LOOPS)] for i in range(256)]  # every family, in turn
+    expected = [float(LOOPS[name][3]) for name in names]
+    for label, size in LOOP_SIZES.items():
+        texts = {name: loop(name, size) for name in LOOPS}
+        for workers in (1, 2):
+            reward.score_batch([typical("1")] * 64, ["1"] * 64, workers=workers)  # start the pool
+            clear_caches()
+            start = time.perf_counter()
+            assert reward.score_batch([texts[name] for name in names], ["2"] * 256, workers=workers) == expected
+            seconds = time.perf_counter() - start
+            rows.append((f"loops: score_batch of 256 texts at {label}, {workers} worker(s)", f"{seconds:.3f} s"))
+    return rows
+
+
 def load(name):
     return [json.loads(line) for line in (DATA / name).read_text().splitlines()]
 
@@ -76,13 +108,11 @@ def main():
     ]
     worst = 0.0
     for name, response in tqdm(HOSTILE.items(), desc="hostile inputs", leave=False):
-        clear_caches()
-        start = time.perf_counter()
-        assert reward.verify(response, "2") is False
-        seconds = time.perf_counter() - start
+        seconds = timed_verify(response, False)
         worst = max(worst, seconds)
         rows.append((f"hostile: {name}", f"{seconds:.4f} s"))
     rows.append(("hostile: worst case", f"{worst:.4f} s"))
+    rows += loop_rows()
 
     print(f"\nreward.py benchmark ({os.cpu_count()} CPUs)\n")
     print("| case | result |\n|---|---|")

@@ -1,4 +1,5 @@
-"""Hand-labelled (response, gold, expected) pairs for the verifier, by family; used by test_reward.py."""
+"""Case tables for the verifier, shared by tests/test_reward.py and benchmarks/bench_reward.py:
+hand-labelled (response, gold, expected) pairs by family, hostile inputs, and repetition loops."""
 
 
 def B(answer):
@@ -309,3 +310,101 @@ KNOWN_LIMITS = [
     (B("x > 2"), r"(2, \infty)", True),  # inequalities are compared as text
 ]
 ALL_CASES = [(family, *case) for family, cases in CASES.items() for case in cases]
+
+
+# -- hostile inputs: each must verify False against "2", quickly, in any thread or process
+
+HOSTILE = {
+    "power tower": B("9^{9^{9^9}}"),
+    "5000 nested parentheses": B("(" * 5000 + "1" + ")" * 5000),
+    "300 nested parentheses": B("(" * 300 + "2" + ")" * 300),
+    "400 nested braces": B("{" * 400 + "2" + "}" * 400),
+    "2 MB boxed number": B("2" * 2_000_000),
+    "2 MB of braces": r"\boxed{" + "{" * 2_000_000,
+    "2 MB of text": "the answer is " + "ab " * 700_000,
+    "division by zero": B(r"\frac{2}{0}"),
+    "python import": B("__import__('os').system('ls')"),
+    "python lambda": B("lambda: 0"),
+    "python dunder": B("().__class__.__bases__"),
+    "exp tower": B("e^{e^{e^{e^{10}}}}"),
+    "nested exp": B(r"\exp(\exp(\exp(\exp(10))))"),
+    "huge factorial": B("(10^{100})!"),
+    "huge power": B("10^{10^{10}}"),
+    "many big factors": B("10^{999}" * 110),
+    "many radicals": B(r"\sqrt{10^{99}+1}" * 50),
+    "sine of a huge number": B(r"\sin(10^{999})"),
+    "floor of a huge number": B(r"\lfloor 10^{999}\pi \rfloor"),
+    "huge binomial": B(r"\binom{10^{4}}{5000}"),
+    "991 minus signs": B("-" * 991 + "2"),
+    "long answer": B("1+" * 600 + "1"),
+    "symbolic huge power": B("(x+1)^{10000} - x"),
+}
+# Inputs that must stop at a bound (and be counted). Others are rejected without one: the 5000
+# parentheses lose their \boxed{ when the response is cut to its tail, Python is text, 1/0 undefined.
+BOUNDED = ["power tower", "300 nested parentheses", "2 MB boxed number", "huge factorial", "long answer"]
+
+
+# -- repetition loops: a collapsing model repeats one construct until it runs out of tokens.
+# name: (head, unit, tail, expected against the gold "2"); the response is head + unit * n + tail
+# with n as large as the size allows (see loop()). One family for every construct the extractor
+# and the normaliser look for; a tail puts a loop inside the final answer, under MAX_ANSWER_CHARS.
+
+LOOPS = {
+    "unterminated \\boxed{": ("", r"\boxed{", "", False),
+    "unterminated \\boxed{, then an answer": ("", r"\boxed{", "2}", True),
+    "unterminated \\fbox{": ("", r"\fbox{", "", False),
+    "\\boxed{ inside \\boxed{": ("", r"\boxed{\boxed{", "", False),
+    "terminated \\boxed{2}": ("", r"\boxed{2} ", "", True),
+    "empty \\boxed{ }": ("", r"\boxed{ }", "", False),
+    "\\boxed without braces": ("", r"\boxed ", "", False),
+    "\\boxed 2 without braces": ("", r"\boxed 2 ", "", True),
+    "\\boxed$": ("", r"\boxed$", "", False),
+    "nested {": (r"\boxed", "{", "", False),
+    "nested {, then an answer": ("", "{", r"\boxed{2}", True),
+    "\\boxed{{": ("", r"\boxed{{", "", False),
+    "closing }, then an answer": ("", "}", r"\boxed{2}", True),
+    "escaped \\{ in a box": (r"\boxed{", r"\{", "", False),
+    "backslashes, then an answer": ("", "\\", r"\boxed{2}", True),
+    "#### on one line": ("", "#### ", "", False),
+    "#### on lines": ("", "####\n", "", False),
+    "#### 2": ("", "#### 2\n", "", True),
+    "#### then blank lines": ("", " ", "####" + "\n" * 9_000, False),
+    "the answer is": ("", "the answer is ", "", False),
+    "The answer is 2.": ("", "The answer is 2. ", "", True),
+    "the final answer is": ("", "the final answer is ", "", False),
+    "The final answer is 2": ("", "The final answer is 2\n", "", True),
+    "the answer is, then blank lines": ("", " ", "the answer is" + "\n" * 9_000, False),
+    "the answer is:, then blank lines": ("", " ", "the answer is:" + "\n" * 9_000, False),
+    "the, then spaces": ("", "the" + " " * 50, "", False),
+    "digits": ("", "1", "", False),
+    "digits, then an answer": ("", "7", r" \boxed{2}", True),
+    "thousands separators": ("1", ",000", "", False),
+    "numbers with thousands separators": ("", "1,234 ", "", False),
+    "2 and commas": ("", "2,", "", True),
+    "minus signs": ("", "-", "2", False),
+    "\\text{": ("", r"\text{", "", False),
+    "\\text{ cm} in the answer": ("", r"\text{", r"\boxed{2" + r"\text{ cm}" * 90 + "}", True),
+    "\\left(": ("", r"\left(", "", False),
+    "\\left( in the answer": ("", r"\left(", r"\boxed{" + r"\left(" * 30 + "2" + r"\right)" * 30 + "}", True),
+    "$": ("", "$", "", False),
+    "$ in the answer": ("", "$", r"\boxed{" + "$" * 900 + "2}", True),
+    "\\frac{": ("", r"\frac{", "", False),
+    "\\frac{1}{1} in the answer": ("", r"\frac{", r"\boxed{" + r"\frac{1}{1}" * 80 + "2}", True),
+    "^{": ("", "^{", "", False),
+    "^{1 in the answer": ("", "^{", r"\boxed{2" + "^{1" * 30 + "}" * 30 + "}", True),
+    "( in the answer": ("", "(", r"\boxed{" + "(" * 900 + "}", False),
+    "spaces, then an answer": ("", " ", r"\boxed{2}", True),
+    "newlines": ("", "\n", "", False),
+    "spaces in the answer": ("", " ", r"\boxed{2" + " " * 900 + r"\,}", True),
+    "unit words in the answer": ("", " apples", r"\boxed{2" + " apples" * 120 + "}", True),
+    "units with slashes in the answer": ("", "cm/", r"\boxed{2 " + "cm/" * 290 + "x}", False),
+    "degrees": ("", r"^\circ", r"\boxed{2^\circ}", True),
+    "all of these": ("", r"\boxed{2} \fbox{ #### the answer is 1,234 \text{cm} \left( $\frac{^{", "", True),
+}
+LOOP_SIZES = {"10 KB": 10_000, "2 MB": 2_000_000}
+
+
+def loop(name, size):
+    """The response of the repetition-loop family `name`, `size` characters at most."""
+    head, unit, tail, _ = LOOPS[name]
+    return head + unit * ((size - len(head) - len(tail)) // len(unit)) + tail

@@ -1,4 +1,5 @@
-"""Tests for reward.py: hand-labelled pairs, benchmark golds, shuffled golds, hostile inputs."""
+"""Tests for reward.py: hand-labelled pairs, benchmark golds, shuffled golds, hostile inputs,
+repetition loops, bound hits by reason."""
 
 import ast
 import json
@@ -18,13 +19,12 @@ sys.path.insert(0, str(ROOT / "tests"))  # reward_cases, also when imported as t
 import mathparse  # noqa: E402
 import reward  # noqa: E402
 from reward import extract_answer, score, score_batch, verify  # noqa: E402
+from reward_cases import (  # noqa: E402  (the shared case tables)
+    ALL_CASES, BOUNDED, HOSTILE, KNOWN_LIMITS, LOOP_SIZES, LOOPS, B, loop,
+)
 
 DATA = ROOT.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
-
-
-from reward_cases import ALL_CASES, KNOWN_LIMITS, B  # noqa: E402  (the hand-labelled table)
-
 
 
 def test_enough_hand_labels():
@@ -112,36 +112,7 @@ def test_shuffled_golds_rarely_match():
     assert len(matches) / len(golds) <= 0.03
 
 
-# -- hostile inputs: each must return False quickly, in any thread or process
-
-HOSTILE = {
-    "power tower": B("9^{9^{9^9}}"),
-    "5000 nested parentheses": B("(" * 5000 + "1" + ")" * 5000),
-    "300 nested parentheses": B("(" * 300 + "2" + ")" * 300),
-    "400 nested braces": B("{" * 400 + "2" + "}" * 400),
-    "2 MB boxed number": B("2" * 2_000_000),
-    "2 MB of braces": r"\boxed{" + "{" * 2_000_000,
-    "2 MB of text": "the answer is " + "ab " * 700_000,
-    "division by zero": B(r"\frac{2}{0}"),
-    "python import": B("__import__('os').system('ls')"),
-    "python lambda": B("lambda: 0"),
-    "python dunder": B("().__class__.__bases__"),
-    "exp tower": B("e^{e^{e^{e^{10}}}}"),
-    "nested exp": B(r"\exp(\exp(\exp(\exp(10))))"),
-    "huge factorial": B("(10^{100})!"),
-    "huge power": B("10^{10^{10}}"),
-    "many big factors": B("10^{999}" * 110),
-    "many radicals": B(r"\sqrt{10^{99}+1}" * 50),
-    "sine of a huge number": B(r"\sin(10^{999})"),
-    "floor of a huge number": B(r"\lfloor 10^{999}\pi \rfloor"),
-    "huge binomial": B(r"\binom{10^{4}}{5000}"),
-    "991 minus signs": B("-" * 991 + "2"),
-    "long answer": B("1+" * 600 + "1"),
-    "symbolic huge power": B("(x+1)^{10000} - x"),
-}
-# Inputs that must stop at a bound (and be counted). Others are rejected without one: the 5000
-# parentheses lose their \boxed{ when the response is cut to its tail, Python is text, 1/0 undefined.
-BOUNDED = ["power tower", "300 nested parentheses", "2 MB boxed number", "huge factorial", "long answer"]
+# -- hostile inputs (tests/reward_cases.py): each must return False quickly, in any thread or process
 
 
 @pytest.mark.parametrize("name", HOSTILE)
@@ -158,9 +129,65 @@ def test_bound_hits_are_counted():
         assert reward.STATS["bound_hits"] == before + 1, name
 
 
+def _bound_hits_of(response, gold="2"):
+    """The bound hits (nonzero counters only) of one verification, which must be False."""
+    before = reward.bound_hits()
+    assert verify(response, gold) is False
+    return {key: n - before[key] for key, n in reward.bound_hits().items() if n != before[key]}
+
+
+def test_bound_hits_by_reason():
+    one = {"bound_hits": 1}
+    assert _bound_hits_of(B("(" * 300 + "2" + ")" * 300)) == one | {"bound_depth": 1}  # nesting
+    assert _bound_hits_of(B("1+" * 600 + "1")) == one | {"bound_size": 1}  # answer too long
+    assert _bound_hits_of(B("2" * 1001)) == one | {"bound_size": 1}  # answer too long
+    assert _bound_hits_of(B("10^{1001}")) == one | {"bound_size": 1}  # more than MAX_DIGITS digits
+    assert _bound_hits_of(B("9^{9^{9^9}}")) == one | {"bound_size": 1}  # exponent
+    assert _bound_hits_of(B("(10^{100})!")) == one | {"bound_size": 1}  # factorial
+    assert _bound_hits_of(B("x+1"), "x+2") == {}  # a plain wrong answer hits no bound
+
+
+def test_python_recursion_limit_is_a_depth_bound_hit(monkeypatch):
+    def too_deep(text):
+        raise RecursionError
+
+    monkeypatch.setattr(reward, "extract_answer", too_deep)
+    assert _bound_hits_of(B("2")) == {"bound_hits": 1, "bound_depth": 1}
+
+
+def test_deadline_is_a_time_bound_hit(monkeypatch):
+    monkeypatch.setattr(reward, "TIME_LIMIT_S", -1.0)  # already past when verification starts
+    assert _bound_hits_of(B("2")) == {"bound_hits": 1, "bound_time": 1}
+
+
+def test_parse_deadline_is_a_time_bound_hit():
+    with pytest.raises(mathparse.BoundError) as e:
+        mathparse.parse("1+2", deadline=time.perf_counter() - 1)
+    assert e.value.reason == "time"
+
+
+def test_extraction_counts_against_the_deadline(monkeypatch):
+    extract = reward.extract_answer
+
+    def slow_extract(text):
+        time.sleep(0.05)
+        return extract(text)
+
+    monkeypatch.setattr(reward, "TIME_LIMIT_S", 0.01)
+    monkeypatch.setattr(reward, "extract_answer", slow_extract)
+    assert _bound_hits_of(B("2")) == {"bound_hits": 1, "bound_time": 1}
+
+
+def test_bound_hits_is_a_snapshot():
+    snapshot = reward.bound_hits()
+    assert set(snapshot) == {"bound_hits", "bound_time", "bound_size", "bound_depth"}
+    snapshot["bound_hits"] += 100
+    assert reward.bound_hits()["bound_hits"] == snapshot["bound_hits"] - 100
+
+
 def test_verify_in_concurrent_threads():
     reward._normalize.cache_clear()  # make the threads do the work
-    reward._parse.cache_clear()
+    reward._PARSED.clear()
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda case: verify(case[1], case[2]), ALL_CASES))
     assert results == [case[3] for case in ALL_CASES]
@@ -183,15 +210,17 @@ def test_score_batch_in_workers():
     scores = score_batch([r for r, _ in pairs], [g for _, g in pairs], workers=2)
     assert scores == [1.0] * 35 + [0.0] * len(hostile) + [1.0] * 35
     assert reward.STATS["bound_hits"] == before + len(hostile)  # counted in workers, added here
+    assert sum(reward.bound_hits()[f"bound_{r}"] for r in reward.BOUND_REASONS) == reward.STATS["bound_hits"]
     assert score_batch(["\\boxed{1}"] * 3, ["1", "2", "1"]) == [1.0, 0.0, 1.0]  # small: in-process
 
 
 def test_score_batch_kills_a_stuck_worker(monkeypatch):
     monkeypatch.setattr(reward, "MIN_PARALLEL", 1)
     reward._close_pool()  # workers must start first, so nothing can finish within the timeout
-    before = reward.STATS["bound_hits"]
+    before = reward.bound_hits()
     assert score_batch([B("1")], ["1"], workers=2, timeout=1e-9) == [0.0]  # cannot finish in time
-    assert reward.STATS["bound_hits"] == before + 1
+    assert reward.STATS["bound_hits"] == before["bound_hits"] + 1
+    assert reward.STATS["bound_time"] == before["bound_time"] + 1  # a worker's timeout is a time bound
     assert score_batch([B("1")], ["1"], workers=2) == [1.0]  # a fresh pool replaced the killed one
 
 
@@ -206,6 +235,88 @@ def test_random_garbage_is_handled():
         start = time.perf_counter()
         assert verify(B(answer), rng.choice(["2", "x+1", "(1,2)", answer])) in (True, False)
         assert time.perf_counter() - start < 2.0
+
+
+# -- repetition loops: a collapsing model's output, at 10 KB and at 2 MB. Work is bounded by
+# construction, and checked by counting, not timing: only the response's tail reaches a regex,
+# only an answer of at most MAX_ANSWER_CHARS reaches the normaliser and the parser, and brace
+# matching visits each character of the tail at most twice.
+
+
+@pytest.mark.parametrize("size", LOOP_SIZES.values(), ids=LOOP_SIZES.keys())
+@pytest.mark.parametrize("name", LOOPS)
+def test_repetition_loop_is_false_or_the_answer(name, size):
+    assert verify(loop(name, size), "2") is LOOPS[name][3]
+
+
+class _Seen:
+    """A compiled pattern that records the length of the longest string each call is given."""
+
+    def __init__(self, pattern, lengths):
+        self.pattern, self.lengths = pattern, lengths
+
+    def __getattr__(self, name):
+        method = getattr(self.pattern, name)
+
+        def call(*args, **kwargs):
+            self.lengths.append(max(len(a) for a in args if isinstance(a, str)))
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_regexes_see_only_the_tail_and_the_answer(monkeypatch):
+    tail, answer = [], []
+    for name in ("_BOXED", "_BARE", "_BRACE", "_HASHES", "_ANSWER_IS", "_SENTENCE_END", "_NUMBER"):
+        monkeypatch.setattr(reward, name, _Seen(getattr(reward, name), tail))
+    for name in ("_UNWRAP", "_THOUSANDS", "_CHOICE"):
+        monkeypatch.setattr(reward, name, _Seen(getattr(reward, name), answer))
+    monkeypatch.setattr(reward, "_REWRITES", [(_Seen(p, answer), r) for p, r in reward._REWRITES])
+    for name in ("_TOKEN", "_WORD", "_ENV"):
+        monkeypatch.setattr(mathparse, name, _Seen(getattr(mathparse, name), answer))
+    reward._normalize.cache_clear()
+    reward._PARSED.clear()
+    for name in LOOPS:
+        assert verify(loop(name, LOOP_SIZES["2 MB"]), "2") is LOOPS[name][3]
+    for response in HOSTILE.values():
+        assert verify(response, "2") is False
+    reward._normalize.cache_clear()
+    assert len(tail) > len(LOOPS) and len(answer) > len(LOOPS)  # the patterns were used
+    assert max(tail) <= reward.MAX_RESPONSE_CHARS
+    assert max(answer) <= reward.MAX_ANSWER_CHARS
+
+
+def test_brace_matching_scans_each_character_at_most_twice(monkeypatch):
+    scanned, closing_brace = [], reward._closing_brace
+
+    def counted(text, start, end):
+        close = closing_brace(text, start, end)
+        scanned.append((end if close is None else close + 1) - start)
+        return close
+
+    monkeypatch.setattr(reward, "_closing_brace", counted)
+    texts = [loop(name, size) for name in LOOPS for size in LOOP_SIZES.values()] + list(HOSTILE.values())
+    texts += [r"\boxed{ }" * 2000 + r"\boxed{" * 2000, (r"\boxed{" + " " * 50) * 500]  # blank, then open
+    for text in texts:
+        scanned.clear()
+        extract_answer(text)
+        assert sum(scanned) <= 2 * min(len(text), reward.MAX_RESPONSE_CHARS)
+
+
+def test_score_batch_of_repetition_loops(monkeypatch):
+    monkeypatch.setattr(reward, "MIN_PARALLEL", 1)
+    texts = [loop(name, LOOP_SIZES["2 MB"]) for name in LOOPS]
+    expected = [float(LOOPS[name][3]) for name in LOOPS]
+    assert score_batch(texts, ["2"] * len(texts), workers=2) == expected
+
+
+def test_extraction_of_boxes_after_unclosed_ones():
+    """An unclosed group hides no box that closes before it, and a box inside it still closes."""
+    assert extract_answer(r"\boxed{1} \boxed{2 \boxed{") == "1"
+    assert extract_answer(r"\boxed{ } \boxed{\boxed{3} \boxed{") == "3"
+    assert extract_answer(r"\boxed{\{4\}} \fbox{\} \boxed{") == r"\{4\}"
+    assert extract_answer(r"\boxed{5} \boxed{") == "5"
+    assert extract_answer(r"\boxed{6\\} \boxed{") == "6\\\\"
 
 
 # -- safety by construction

@@ -1,8 +1,8 @@
 """Dev-only: compare reward.verify with the math-verify package on perturbed MATH500 golds.
 
-Not collected by pytest, and math-verify is not a dependency of EchoRL:
+A comparison script, not a test, and math-verify is not a dependency of EchoRL:
     .venv/bin/pip install math-verify==0.9.0
-    .venv/bin/python tests/dev_mathverify_diff.py [--limit N]
+    .venv/bin/python benchmarks/dev_mathverify_diff.py [--limit N]
 Prints every (gold, answer) pair on which the two verifiers disagree, grouped by perturbation.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import math_verify
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository root, which holds reward.py
 sys.path.insert(0, str(ROOT))
 
 from reward import verify  # noqa: E402
