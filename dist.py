@@ -112,7 +112,12 @@ def init(cfg) -> World:
 
 
 def close(world: World) -> None:
+    """Leave the process group together: a rank that tears down its connections while another still
+    uses them can abort the other (gloo)."""
     if world.size > 1 and torch_dist.is_initialized():
+        import gc
+        gc.collect()  # sharded modules and their pending work go while the group still exists (reference cycles)
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 

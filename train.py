@@ -331,9 +331,9 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
     cuda = next(run.model.parameters()).is_cuda
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    hits_before = reward.STATS["bound_hits"]
+    hits_before = reward.bound_hits()
     batch = collect(run, stats, times)
-    stats["verifier/bound_hits"] = float(reward.STATS["bound_hits"] - hits_before)
+    stats.update({f"verifier/{k}": float(v - hits_before[k]) for k, v in reward.bound_hits().items()})
     with timer(times, "advantages"):
         compute_advantages(batch, run.cfg, run.world)
     with timer(times, "old_logprobs"):

@@ -349,3 +349,15 @@ def test_ppo_epochs_take_epochs_x_mini_batches_optimizer_steps_on_the_same_rollo
     assert one.sched.last_epoch == 2
     differ = [k for k, v in one.model.state_dict().items() if not torch.equal(v, run.model.state_dict()[k])]
     assert differ  # the second epoch moved the weights further
+
+
+def test_verifier_bound_hits_are_logged_per_step_by_reason(model_dir, tmp_path):
+    """Each response here is scored as a 300-deep brace nesting, which the verifier refuses by its depth
+    bound: the step logs exactly one depth hit per rollout and none of the other kinds."""
+    import reward
+    deep = "\\boxed{" + "{" * 300 + "2" + "}" * 300 + "}"
+    run = train.setup(small_cfg(model_dir, tmp_path),
+                      reward_fn=lambda texts, golds: [reward.score(deep, "2") for _ in texts])
+    stats, batch = train.train_step(run)
+    assert stats["verifier/bound_depth"] == len(batch) == 8
+    assert stats["verifier/bound_hits"] == 8 and stats["verifier/bound_time"] == stats["verifier/bound_size"] == 0
