@@ -61,6 +61,8 @@ class RolloutConfig:
     temperature: float = 1.0          # > 0: greedy rollouts would make every group degenerate
     top_p: float = 1.0
     gen_batch_size: int = 0           # sequences per generate call; 0 = all at once
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # sampling weights; auto: model.autocast,
+                                      # else model.dtype. Another dtype than the policy's keeps a copy in it
 
 
 @dataclass

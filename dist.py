@@ -111,6 +111,27 @@ def init(cfg) -> World:
                  device=torch.device("cuda", world.local_rank) if backend == "nccl" else torch.device("cpu"))
 
 
+def bytes_per_param(world_size: int, sampling_bytes: int) -> float:
+    """Bytes a parameter costs each rank before activations: fp32 weights, gradients and AdamW's two
+    moments (16 bytes) sharded over the ranks, plus the full sampling copy (2 in bf16, 0 if none)."""
+    return 16 / world_size + sampling_bytes
+
+
+def check_fits(n_params: int, world: World, device: torch.device, sampling_bytes: int) -> None:
+    """Stop before loading anything when weights, gradients, optimizer states and the sampling copy
+    alone would fill the GPU (activations, the KV cache and the logits chunks need room on top)."""
+    if device.type != "cuda":
+        return
+    need = n_params * bytes_per_param(world.size, sampling_bytes)
+    have = torch.cuda.get_device_properties(device).total_memory
+    if need > 0.8 * have:
+        from config import ConfigError
+        raise ConfigError(f"a {n_params / 1e9:.1f} B-parameter model needs about {need / 2 ** 30:.0f} GiB per GPU for "
+                          f"fp32 weights, gradients, AdamW states ({16 / world.size:g} bytes a parameter over "
+                          f"{world.size} process{'es' * (world.size > 1)}) and its sampling copy, and this GPU has "
+                          f"{have / 2 ** 30:.0f} GiB: run on more GPUs (torchrun --nproc_per_node N)")
+
+
 def close(world: World) -> None:
     """Leave the process group together: a rank that tears down its connections while another still
     uses them can abort the other (gloo)."""

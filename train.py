@@ -92,9 +92,9 @@ def sample(run: Run, problems: list) -> Rollout:
     """Stage 1: G responses per problem (rows i*G .. i*G+G-1 answer problem i); golds and prompts in extras."""
     cfg, rc = run.cfg, run.cfg.rollout
     prompts = render_prompts([p.question for p in problems], run.tok, cfg.data.template, cfg.data.system_prompt)
-    model = run.sampler or run.model
+    model = run.sampler or run.model  # a sampling copy is already in the rollout dtype: no autocast
     model.eval()
-    with autocast(cfg, model):
+    with autocast(cfg, model) if run.sampler is None else nullcontext():
         batch = generate(model, run.tok, prompts, group_size=rc.group_size, max_new_tokens=rc.max_new_tokens,
                          temperature=rc.temperature, top_p=rc.top_p, batch_size=rc.gen_batch_size or None)
     batch.extras.update(golds=[p.answer for p in problems for _ in range(rc.group_size)],
@@ -425,14 +425,18 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
     if world.size > 1:
         stream = dist.RankShare(stream, world)
     base = world.on_main(model_source, cfg)  # rank 0 builds the tiny warm start (or checks the hub) once
+    sampling = rollout_dtype(cfg)
+    copy_bytes = torch.finfo(sampling).bits // 8 if world.size > 1 or sampling != getattr(torch, cfg.model.dtype) else 0
+    dist.check_fits(count_parameters(base, cfg), world, device, copy_bytes)
     model, tok = load_policy(str(checkpoint) if checkpoint else base, cfg, device)
     ref_model = None
     if cfg.algo.kl_coef > 0:
         ref_model = load_policy(base, cfg, device)[0].requires_grad_(False).eval()
     sampler = None
-    if world.size > 1:
+    if copy_bytes:  # the weights rollouts sample from, when they are not the policy itself
         import copy
-        sampler = copy.deepcopy(model).requires_grad_(False).eval()
+        sampler = copy.deepcopy(model).to(sampling).requires_grad_(False).eval()
+    if world.size > 1:
         compute = getattr(torch, cfg.model.autocast) if cfg.model.autocast != "none" else None
         model = dist.shard(model, compute)
         if ref_model is not None:
@@ -450,6 +454,21 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
     if checkpoint is not None:
         run.step = load_checkpoint(checkpoint, run)
     return run
+
+
+def rollout_dtype(cfg: Config) -> torch.dtype:
+    """The dtype rollouts sample in: rollout.dtype, or the forward's (autocast) dtype, else the weights'."""
+    name = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else \
+        cfg.model.autocast if cfg.model.autocast != "none" else cfg.model.dtype
+    return getattr(torch, name)
+
+
+def count_parameters(path: str, cfg: Config) -> int:
+    """Parameters of the model at `path`, from its config alone (built on the meta device: no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    conf = AutoConfig.from_pretrained(path, **cfg.model.config_overrides)
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(conf).parameters())
 
 
 def refresh_sampler(run: Run) -> None:
@@ -566,7 +585,7 @@ def run_eval(run: Run, problems: dict, progress: bool = True) -> dict:
     out = {}
     for name, probs in problems.items():
         mine = probs[world.rank::world.size]
-        with autocast(cfg, model):
+        with autocast(cfg, model) if run.sampler is None else nullcontext():
             res = evaluate(model, run.tok, mine, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=1.0,
                            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                            template=cfg.data.template, system_prompt=cfg.data.system_prompt,

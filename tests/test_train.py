@@ -361,3 +361,16 @@ def test_verifier_bound_hits_are_logged_per_step_by_reason(model_dir, tmp_path):
     stats, batch = train.train_step(run)
     assert stats["verifier/bound_depth"] == len(batch) == 8
     assert stats["verifier/bound_hits"] == 8 and stats["verifier/bound_time"] == stats["verifier/bound_size"] == 0
+
+
+def test_a_sampling_copy_in_another_dtype_follows_the_policy_after_each_step(model_dir, tmp_path):
+    run = train.setup(small_cfg(model_dir, tmp_path))  # fp32 weights, no autocast: sample from the policy itself
+    assert run.sampler is None
+    run = train.setup(small_cfg(model_dir, tmp_path, "rollout.dtype=bfloat16", "algo.entropy_coef=0.1"))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    assert all(p.dtype == torch.bfloat16 for p in run.sampler.parameters())
+    train.train_step(run)
+    moved = [k for k, v in run.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert moved  # the entropy bonus moved the policy, and the copy holds its new values, rounded to bf16
+    copy = run.sampler.state_dict()
+    assert all(torch.equal(copy[k], v.to(torch.bfloat16)) for k, v in run.model.state_dict().items())
