@@ -35,6 +35,7 @@ import data
 import reward
 import rollout
 from data import Problem
+from models import load_model
 
 DEFAULT_BENCHMARKS = "math500,gsm8k,aime24,amc23,minerva_math,olympiadbench"
 
@@ -230,37 +231,6 @@ def format_table(results: dict[str, dict]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # model loading and CLI
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def load_model(path_or_id: str, dtype: str = "bfloat16", device: str = "auto", attn_implementation: str = "sdpa",
-               init: str = "pretrained", config_overrides: dict | None = None):
-    """(model, tokenizer) from a local HF folder or a hub id, in eval mode on `device`.
-
-    init="random" builds the architecture of the folder's config.json with random weights (throughput
-    and memory checks need no weights). `config_overrides` are set on the HF config first (e.g.
-    {"num_hidden_layers": 2}). The tokenizer gets a pad token if it has none."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    tokenizer = rollout.load_tokenizer(path_or_id)
-    conf = AutoConfig.from_pretrained(path_or_id, **(config_overrides or {}))
-    if init == "random":
-        conf._attn_implementation = attn_implementation
-        with torch.device(resolve_device(device)):
-            model = AutoModelForCausalLM.from_config(conf, dtype=getattr(torch, dtype))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path_or_id, config=conf, dtype=getattr(torch, dtype),
-                                                     attn_implementation=attn_implementation)
-    return model.to(resolve_device(device)).eval(), tokenizer
-
 
 def _slug(text: str) -> str:
     """Short file-safe name + hash of the full string (two checkpoints named 'final' differ)."""

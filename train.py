@@ -18,9 +18,7 @@ import json
 import math
 import os
 import random
-import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -36,14 +34,16 @@ from tqdm import tqdm
 
 import dist
 import reward
-from checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from config import Config, ConfigError, diff, load_config, to_dict
+from config import Config, ConfigError, load_config, to_dict
 from data import DataError
 from dist import World
 from echorl import echo_loss, select_clips
 from entropy import delimiter_table, response_logprobs, step_ids
 from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss
+from models import count_parameters, load_policy, model_source, resolve_device, rollout_dtype
 from rollout import Rollout, concat, eos_ids, generate, render_prompts
+from runs import (CheckpointError, Logger, RunFolderError, dump_rollouts, latest_checkpoint, load_checkpoint,
+                  prepare_out_dir, python_cmd, save_checkpoint, summary)
 
 RewardFn = Callable[[list[str], list[str]], list[float]]  # (responses, golds) -> rewards; 1.0 = verified correct
 
@@ -456,21 +456,6 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
     return run
 
 
-def rollout_dtype(cfg: Config) -> torch.dtype:
-    """The dtype rollouts sample in: rollout.dtype, or the forward's (autocast) dtype, else the weights'."""
-    name = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else \
-        cfg.model.autocast if cfg.model.autocast != "none" else cfg.model.dtype
-    return getattr(torch, name)
-
-
-def count_parameters(path: str, cfg: Config) -> int:
-    """Parameters of the model at `path`, from its config alone (built on the meta device: no memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    conf = AutoConfig.from_pretrained(path, **cfg.model.config_overrides)
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(conf).parameters())
-
-
 def refresh_sampler(run: Run) -> None:
     """After an optimizer step: the sampling weights take the policy's new values."""
     if run.world.size > 1:
@@ -485,59 +470,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-
-
-def resolve_device(name: str, world: World = World()) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and world.size > 1:
-        name = f"cuda:{world.local_rank}"
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"config key 'train.device' is {name!r} but torch sees no CUDA device "
-                          f"(torch {torch.__version__}); on a CPU machine use --set train.device=cpu")
-    return dev
-
-
-_HF_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-
-
-def model_source(cfg: Config) -> str:
-    """Where the policy's weights come from: 'tiny' -> the cached warm start (built on first use), a
-    local folder, or an HF hub id. A missing local folder is named as such, and a hub id that is
-    neither cached nor reachable fails at once instead of after the hub's retries."""
-    name = cfg.model.name_or_path
-    if name == "tiny":
-        import tiny
-        return str(tiny.warm_start(cfg.tiny))
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {path} has no config.json (model.name_or_path)")
-        return str(path)
-    if not _HF_ID.match(name):
-        raise FileNotFoundError(f"model folder not found: {path} (model.name_or_path)")
-    from huggingface_hub import try_to_load_from_cache
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return name
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("//")[-1].split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
-        raise FileNotFoundError(f"model {name!r} (model.name_or_path) is not a local folder, not in the HF cache, "
-                                f"and {host} is unreachable: download it first, or point model.name_or_path at a "
-                                f"local folder") from None
-    return name
-
-
-def load_policy(path: str, cfg: Config, device: torch.device):
-    """Policy (or reference) model and tokenizer with eval.py's loader (one code path)."""
-    from eval import load_model
-    model, tok = load_model(path, cfg.model.dtype, str(device), cfg.model.attn_implementation,
-                            init=cfg.model.init, config_overrides=cfg.model.config_overrides)
-    if cfg.model.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model, tok
 
 
 def train_stream(cfg: Config):
@@ -596,110 +528,6 @@ def run_eval(run: Run, problems: dict, progress: bool = True) -> dict:
                                                   dtype=torch.float64, device=world.device)).tolist()
         out[f"eval/{name}/acc"] = correct / samples
     return out
-
-
-def dump_rollouts(batch: Rollout, run: Run, path: Path) -> None:
-    """One JSON line per rollout: text, tokens, entropies, step ids and EchoClip mask (for plots)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sids = batch.extras.get("step_ids")
-    if sids is None:  # EchoRL off: the steps it would have used
-        sids = step_ids(batch.response_ids, batch.response_mask, run.delims, run.eos, run.cfg.echo.min_step_tokens)
-    tok = run.tok
-    with open(path, "w") as f:
-        for i in range(len(batch)):
-            n = int(batch.response_mask[i].sum())
-            ids = batch.response_ids[i, :n].tolist()
-            row = {"group": int(batch.group[i]), "correct": bool(batch.correct[i]), "reward": float(batch.rewards[i]),
-                   "prompt": batch.extras["prompts"][i], "gold": batch.extras["golds"][i], "text": batch.texts[i],
-                   "tokens": tok.convert_ids_to_tokens(ids), "token_text": [tok.decode([t]) for t in ids],
-                   "entropy": [round(x, 5) for x in batch.entropies[i, :n].tolist()],
-                   "step_ids": sids[i, :n].tolist(),
-                   "clip": batch.clip_mask[i, :n].int().tolist() if batch.clip_mask is not None else None}
-            f.write(json.dumps(row) + "\n")
-
-
-class Logger:
-    """metrics.jsonl (always), wandb (optional, offline by default)."""
-
-    def __init__(self, cfg: Config, out: Path, resume_step: int):
-        self.path = out / "metrics.jsonl"
-        if self.path.exists():  # a resumed run drops the lines past its checkpoint
-            lines = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in lines))
-        self.wandb = None
-        if cfg.log.wandb:
-            import wandb
-            self.wandb = wandb.init(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode, config=to_dict(cfg),
-                                    dir=str(out))
-
-    def log(self, step: int, metrics: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-
-# Keys that may change when a run resumes (they change how long it runs or what it logs, not what it learns).
-RESUMABLE_CHANGES = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.threads", "reward.workers",
-                     "eval.", "log.")
-
-
-def prepare_out_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool) -> Path | None:
-    """Checks the run folder before any work; returns the checkpoint to resume from (or None).
-
-    A fresh run never writes into a folder that holds another run: it stops, unless `overwrite`
-    moves the old run aside. `resume` continues the folder's run from its latest checkpoint, with
-    the same config (keys that only change length or logging may differ; others need allow_changes)."""
-    out = Path(cfg.train.out_dir)
-    saved = out / "config.json"
-    has_run = saved.exists() or (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
-    if not resume:
-        if has_run and not overwrite:
-            raise RunFolderError(
-                f"{out} already holds a run ({describe_run(out)}). Continue it with --resume, train into another "
-                f"folder with --set train.out_dir=..., or pass --overwrite to move the old run aside.")
-        if has_run:
-            aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(out, aside)
-            print(f"moved the previous run in {out} to {aside}")
-        return None
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        if has_run:
-            raise RunFolderError(f"--resume: {out} holds a run but no complete checkpoint to resume from "
-                                 f"({describe_run(out)}); start it again with --overwrite")
-        print(f"--resume: no run in {out}; starting a new one")
-        return None
-    if saved.exists():
-        changes = diff(json.loads(saved.read_text()), json.loads(json.dumps(to_dict(cfg))))
-        blocking = [c for c in changes if not c.split(":")[0].startswith(RESUMABLE_CHANGES)]
-        if blocking and not allow_changes:
-            raise RunFolderError(f"--resume: the config differs from the one {out} was trained with:\n  "
-                                 + "\n  ".join(blocking) + "\nresume with the same config, or pass --allow-changes")
-    return ckpt
-
-
-class RunFolderError(RuntimeError):
-    pass
-
-
-def describe_run(out: Path) -> str:
-    """'grpo+echo, 60 of 60 steps, last checkpoint step_000060' from a run folder's files."""
-    parts = []
-    try:
-        c = json.loads((out / "config.json").read_text())
-        parts.append(f"{c['algo']['name']}{'+echo' if c['echo']['enabled'] else ''}, "
-                     f"{c['train']['steps']} steps planned")
-    except (OSError, ValueError, KeyError):
-        pass
-    try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        parts.append(f"metrics up to step {json.loads(lines[-1])['step']}" if lines else "no metrics")
-    except (OSError, ValueError, KeyError, IndexError):
-        pass
-    ck = latest_checkpoint(out)
-    parts.append(f"last checkpoint {ck.name}" if ck else "no checkpoint")
-    return ", ".join(parts)
 
 
 class StopAfterStep:
@@ -797,35 +625,6 @@ def _train(cfg, world, resume, overwrite, allow_changes, reward_fn, command, t_s
     return history
 
 
-def summary(cfg: Config, rows: list[dict], wall: float, out: Path, command: str) -> None:
-    """The closing lines of a run: held-out accuracy before -> after, time, where things are, what next."""
-    py = _python()
-    evals = [h for h in rows if any(k.startswith("eval/") for k in h)]
-    lines = [f"done: {cfg.train.steps} steps of {cfg.algo.name}{' + EchoRL' if cfg.echo.enabled else ''} "
-             f"in {wall / 60:.1f} min"]
-    for key in sorted({k for h in evals for k in h if k.startswith("eval/")}):
-        pts = [(h["step"], h[key]) for h in evals if key in h]
-        lines.append(f"held-out {key.split('/')[1]} accuracy: " + " -> ".join(f"{v:.3f} (step {s})" for s, v in
-                                                                              [pts[0], pts[-1]][:len(pts)]))
-    last = latest_checkpoint(out)
-    lines.append(f"run folder: {out} (metrics.jsonl, rollouts/, checkpoints/{last.name if last else ''})")
-    lines.append("next:")
-    lines.append(f"  {py} plots.py {out}")
-    if last:
-        lines.append(f"  {py} eval.py --model {last}")
-    launch = command if command.startswith("torchrun") else f"{py} {command}"
-    lines.append(f"  {launch} --resume --set train.steps={2 * cfg.train.steps}   # train further")
-    print("\n".join(lines))
-
-
-def _python() -> str:
-    exe = Path(sys.executable)
-    try:
-        return str(exe.relative_to(Path.cwd()))
-    except ValueError:
-        return "python"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny.yaml")
@@ -847,7 +646,7 @@ def main(argv=None):
         sys.exit(f"error: {e}" if main_rank else 1)
     except Interrupted as e:
         if main_rank:
-            print(f"{e}; continue with: {command if command.startswith('torchrun') else _python() + ' ' + command}"
+            print(f"{e}; continue with: {command if command.startswith('torchrun') else python_cmd() + ' ' + command}"
                   f" --resume")
         sys.exit(130)
     except KeyboardInterrupt:

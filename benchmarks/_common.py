@@ -160,7 +160,7 @@ def tiny_config(overrides: list[str] = ()):
 
 
 def cached_warm_model(cfg) -> Path | None:
-    """The folder train.model_source(cfg) would return, if the warm start is already cached (never builds)."""
+    """The folder models.model_source(cfg) would return, if the warm start is already cached (never builds)."""
     import tiny
     path = tiny.cache_path(cfg.tiny)
     return path if (path / "config.json").exists() else None

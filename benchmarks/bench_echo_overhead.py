@@ -121,7 +121,7 @@ def main(argv=None):
                     help="config override, as in train.py")
     args = ap.parse_args(argv)
 
-    import train
+    import models
     device = resolve_device(args.device)
     overrides = (QUICK if args.quick else []) + [f"train.device={device}", "echo.enabled=true", *args.overrides]
     repeats = 3 if args.quick else args.repeats
@@ -130,7 +130,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         warm = cached_warm_model(cfg) if args.model == "auto" else None
         if args.model == "warm":
-            warm = Path(train.model_source(cfg))
+            warm = Path(models.model_source(cfg))
         model_dir = str(warm or random_model_dir(cfg, Path(tmp) / "model"))
         overrides.append(f"model.name_or_path={model_dir}")
         if warm is None:  # random text never stops: score truncated rows, so the hand-made rewards stand

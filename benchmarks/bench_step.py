@@ -6,6 +6,7 @@ left out of the means.
 
 Usage (from the repo root):
     python benchmarks/bench_step.py [--quick] [--device cpu|cuda] [--steps 5] [--set key=value ...]
+    torchrun --nproc_per_node 2 benchmarks/bench_step.py ...     # the same step over 2 processes (FSDP2)
 --quick uses a random tiny model (the warm start takes minutes on its first use) and a small batch.
 """
 from __future__ import annotations
@@ -45,14 +46,15 @@ def main(argv=None):
         if args.quick:
             cfg.model.name_or_path = str(random_model_dir(cfg, Path(tmp)))
         run = train.setup(cfg)
-    print(machine(device))
-    print(f"model: {'random tiny' if args.quick else 'warm-started tiny'}; algo {cfg.algo.name}"
+    say = print if run.world.main else (lambda *a, **k: None)
+    say(machine(device) + (f" | {run.world.size} processes" if run.world.size > 1 else ""))
+    say(f"model: {'random tiny' if args.quick else 'warm-started tiny'}; algo {cfg.algo.name}"
           f"{' + EchoRL' if cfg.echo.enabled else ''}, {cfg.rollout.prompts_per_step} prompts x "
           f"G={cfg.rollout.group_size}, max_new_tokens {cfg.rollout.max_new_tokens}, "
           f"micro-batch {cfg.train.micro_batch_size}, {steps} measured steps after 1 warm-up")
 
     rows = []
-    for i in tqdm(range(1 + steps), desc="train steps"):
+    for i in tqdm(range(1 + steps), desc="train steps", disable=not run.world.main):
         t0 = time.perf_counter()
         metrics, _ = train.train_step(run)
         if device == "cuda":
@@ -66,10 +68,12 @@ def main(argv=None):
     out = [[p, mean(f"time/{p}"), f"{100 * mean(f'time/{p}') / total:.1f}%"] for p in PHASES]
     other = total - sum(r[1] for r in out)
     out += [["other (bookkeeping, metrics)", other, f"{100 * other / total:.1f}%"], ["total step", total, "100%"]]
-    print()
-    print(table(["phase", "mean s", "share of step"], out))
-    print(f"mean over steps: reward {mean('reward'):.3f}, frac_degenerate {mean('frac_degenerate'):.2f}, "
+    say()
+    say(table(["phase", "mean s", "share of step"], out))
+    say(f"mean over steps: reward {mean('reward'):.3f}, frac_degenerate {mean('frac_degenerate'):.2f}, "
           f"response_len {mean('response_len'):.1f}, EchoClips {mean('echo/n_clips'):.1f}, rows {mean('batch_rows'):.0f}")
+    import dist
+    dist.close(run.world)
 
 
 if __name__ == "__main__":

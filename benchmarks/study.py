@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tiny  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 from config import load_config, to_dict  # noqa: E402
 from _common import cpu_model  # noqa: E402
@@ -164,7 +165,7 @@ def main(argv=None):
     key = f"eval/{base.eval.benchmarks[0]}/acc"
     cached = base.model.name_or_path != "tiny" or tiny.cache_path(base.tiny).joinpath("config.json").exists()
     t0 = time.perf_counter()
-    train.model_source(base)  # build the shared warm start once, before any run
+    models.model_source(base)  # build the shared warm start once, before any run
     warm = "from the cache" if cached else f"built in {(time.perf_counter() - t0) / 60:.1f} min"
     runs = plan(not args.no_ablations)
     rows, walls = {}, {}

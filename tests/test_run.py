@@ -2,7 +2,6 @@
 non-finite values, full disks, bad configs and data)."""
 import errno
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
+import models
+import runs
 import tiny
 import train
 from config import ConfigError, load_config
@@ -32,7 +32,7 @@ def test_a_fresh_run_into_a_finished_runs_folder_stops_and_loses_nothing(model_d
     out = Path(cfg.train.out_dir)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     other = small_cfg(model_dir, tmp_path, "train.steps=2", "algo.name=dapo")
-    with pytest.raises(train.RunFolderError, match=r"already holds a run \(grpo\+echo, 2 steps planned, metrics up "
+    with pytest.raises(runs.RunFolderError, match=r"already holds a run \(grpo\+echo, 2 steps planned, metrics up "
                                                    r"to step 2, last checkpoint step_000002\).*--resume.*--overwrite"):
         train.train(other)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # not a byte changed
@@ -49,7 +49,7 @@ def test_overwrite_moves_the_old_run_aside_and_pruning_sees_only_the_new_runs_ch
     aside = [p for p in out.parent.iterdir() if p.name.startswith("run.old-")]
     assert len(aside) == 1 and [l["step"] for l in _lines(aside[0] / "metrics.jsonl")] == [1, 2, 3, 4]
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000001"]
-    assert checkpoint.latest_checkpoint(out).name == "step_000001"
+    assert runs.latest_checkpoint(out).name == "step_000001"
     assert [l["step"] for l in _lines(out / "metrics.jsonl")] == [1]
 
 
@@ -58,7 +58,7 @@ def test_resume_with_a_changed_config_names_the_keys_and_refuses_unless_allowed(
     train.train(cfg)
     changed = small_cfg(model_dir, tmp_path, "train.steps=3", "echo.coef=0.5", "train.lr=0.02")
     saved = (Path(cfg.train.out_dir) / "config.json").read_text()
-    with pytest.raises(train.RunFolderError, match=r"echo.coef: 0.001 -> 0.5\n  train.lr: 0.01 -> 0.02\n"):
+    with pytest.raises(runs.RunFolderError, match=r"echo.coef: 0.001 -> 0.5\n  train.lr: 0.01 -> 0.02\n"):
         train.train(changed, resume=True)
     assert (Path(cfg.train.out_dir) / "config.json").read_text() == saved  # a refused resume writes nothing
     longer = small_cfg(model_dir, tmp_path, "train.steps=3")  # a longer run is a plain resume
@@ -84,7 +84,7 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step_and_keeps_the_las
                                                    r".*step_000002"):
         train.train(cfg)
     out = Path(cfg.train.out_dir)
-    assert seen["n"] == 2 and checkpoint.latest_checkpoint(out).name == "step_000002"
+    assert seen["n"] == 2 and runs.latest_checkpoint(out).name == "step_000002"
     assert [l["step"] for l in _lines(out / "metrics.jsonl")] == [1, 2]
 
 
@@ -97,8 +97,8 @@ def test_a_failed_checkpoint_write_leaves_no_temporary_folder_and_keeps_latest(m
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **k)
-    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    with pytest.raises(checkpoint.CheckpointError, match=r"step_000002: .*No space left.*last complete checkpoint "
+    monkeypatch.setattr(runs.torch, "save", full_disk)
+    with pytest.raises(runs.CheckpointError, match=r"step_000002: .*No space left.*last complete checkpoint "
                                                          r"is .*step_000001"):
         train.train(cfg)
     ck = Path(cfg.train.out_dir) / "checkpoints"
@@ -124,7 +124,7 @@ def test_ctrl_c_saves_the_last_completed_step_and_the_run_resumes(model_dir, tmp
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     steps = [l["step"] for l in _lines(out / "metrics.jsonl")]
-    last = checkpoint.latest_checkpoint(out)
+    last = runs.latest_checkpoint(out)
     assert last is not None and last.name == f"step_{steps[-1]:06d}"
     assert "continue with:" in stdout and "--resume" in stdout
     resume = subprocess.run(cmd + ["--resume", "--set", f"train.steps={steps[-1] + 1}"], cwd=ROOT,
@@ -194,10 +194,10 @@ def test_a_refused_config_writes_nothing_and_loads_no_model(tmp_path, monkeypatc
 def test_a_missing_model_folder_and_a_gpu_config_on_a_cpu_machine_are_named(tmp_path):
     cfg = load_config(None, ["data.train=tiny", f"model.name_or_path={tmp_path / 'no_such_model'}"])
     with pytest.raises(FileNotFoundError, match=r"model folder not found: .*no_such_model"):
-        train.model_source(cfg)
+        models.model_source(cfg)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"'train.device' is 'cuda' but torch sees no CUDA device"):
-            train.resolve_device("cuda")
+            models.resolve_device("cuda")
 
 
 def test_unreadable_and_oversized_data_rows_name_the_file_and_line(tmp_path):

@@ -1,0 +1,276 @@
+"""A run's folder: everything a run writes, and the checks that nothing there is ever lost.
+
+    OUT/config.json            the run's config (written once the run is set up)
+    OUT/metrics.jsonl          one line per step (and step 0: the evaluation before RL)
+    OUT/rollouts/step_N.jsonl  one batch's texts, token entropies, step ids and EchoClip masks (plots.py)
+    OUT/checkpoints/step_N/    model.safetensors, config.json, tokenizer files (any HF loader opens it)
+                               state.pt     step, scheduler, world size (+ optimizer, stream, RNG in one process)
+                               sharded/     under torchrun: model and optimizer shards (torch.distributed.checkpoint)
+                               rank{r}.pt   under torchrun: each rank's stream, RNG and EchoRL-generator state
+    OUT/checkpoints/latest     the name of the newest complete checkpoint
+
+A fresh run never writes into a folder that holds another run (prepare_out_dir). A checkpoint is
+written to a temporary folder and renamed into place, and `latest` is replaced atomically, so a crash
+mid-save never corrupts the last good checkpoint; a failed write (a full disk) removes its temporary
+folder. `--resume` reloads everything a run needs to reproduce the uninterrupted run's next metrics;
+a run written by N processes resumes with N processes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import diff, to_dict
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or resumed (full disk, another world size); the last complete
+    checkpoint is untouched."""
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, run, keep: int) -> Path:
+    """OUT/checkpoints/step_N/ (+ OUT/checkpoints/latest) of a train.Run; keeps the newest `keep`.
+    Under torchrun every rank calls it (it gathers the full model for the HF export)."""
+    import dist
+    world = run.world
+    ckdir = out / "checkpoints"
+    final, tmp = ckdir / f"step_{step:06d}", ckdir / f".tmp_step_{step:06d}"
+    error = None
+    try:
+        if world.main:
+            ckdir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        world.barrier()
+        full = dist.full_state_dict(run.model, world) if world.size > 1 else None
+        state = {"step": step, "scheduler": run.sched.state_dict(), "world_size": world.size}
+        if world.size == 1:
+            state.update(optimizer=run.opt.state_dict(), stream=run.stream.state_dict(), rng=rng_state(),
+                         echo_rng=run.gen.get_state())
+        if world.main:
+            run.model.save_pretrained(tmp, safe_serialization=True, state_dict=full)
+            run.tok.save_pretrained(tmp)
+            torch.save(state, tmp / "state.pt")
+        if world.size > 1:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+            model_sd, opt_sd = get_state_dict(run.model, run.opt)
+            dcp.save({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=str(tmp / "sharded"))
+            torch.save({"stream": run.stream.state_dict(), "rng": rng_state(), "echo_rng": run.gen.get_state()},
+                       tmp / f"rank{world.rank}.pt")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        error = f"{e}"
+    errors = [e for e in world.gather(error) if e]
+    if errors:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {errors[0]}; the last complete checkpoint is "
+                              f"{latest_checkpoint(out) or 'none'}")
+    if world.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (ckdir / "latest.tmp").write_text(final.name)
+        os.replace(ckdir / "latest.tmp", ckdir / "latest")
+        for old in sorted(ckdir.glob("step_*"))[:-keep] if keep > 0 else []:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    world.barrier()
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint `latest` points at, if it is complete (its state.pt exists)."""
+    p = out / "checkpoints" / "latest"
+    if not p.exists():
+        return None
+    ck = out / "checkpoints" / p.read_text().strip()
+    return ck if (ck / "state.pt").exists() else None
+
+
+def load_checkpoint(ckpt: Path, run) -> int:
+    """Restore optimizer, scheduler, stream and RNG state into a train.Run (the weights load with the
+    model); returns the step. A checkpoint resumes only with the number of processes that wrote it."""
+    world = run.world
+    st = torch.load(ckpt / "state.pt", weights_only=False)
+    saved = st.get("world_size", 1)
+    if saved != world.size:
+        raise CheckpointError(f"{ckpt} was written by {saved} process{'es' * (saved > 1)} and this run has "
+                              f"{world.size}: resume with the same number (torchrun --nproc_per_node {saved}"
+                              f"{' (or plain python)' if saved == 1 else ''}); each rank's data stream and RNG "
+                              f"state belong to it")
+    run.sched.load_state_dict(st["scheduler"])
+    if world.size == 1:
+        run.opt.load_state_dict(st["optimizer"])
+        run.stream.load_state_dict(st["stream"])
+        set_rng_state(st["rng"])
+        run.gen.set_state(st["echo_rng"])
+        return st["step"]
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, opt_sd = get_state_dict(run.model, run.opt)
+    sd = {"model": model_sd, "optimizer": opt_sd}
+    dcp.load(sd, checkpoint_id=str(ckpt / "sharded"))
+    set_state_dict(run.model, run.opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+    mine = torch.load(ckpt / f"rank{world.rank}.pt", weights_only=False)
+    run.stream.load_state_dict(mine["stream"])
+    set_rng_state(mine["rng"])
+    run.gen.set_state(mine["echo_rng"])
+    return st["step"]
+
+# ----------------------------------------------------------------------------------------
+# The folder: metrics, rollout dumps, the checks before a run starts, the closing lines
+
+
+def dump_rollouts(batch, run, path: Path) -> None:
+    """One JSON line per rollout: text, tokens, entropies, step ids and EchoClip mask (for plots)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sids = batch.extras.get("step_ids")
+    if sids is None:  # EchoRL off: the steps it would have used
+        from entropy import step_ids
+        sids = step_ids(batch.response_ids, batch.response_mask, run.delims, run.eos, run.cfg.echo.min_step_tokens)
+    tok = run.tok
+    with open(path, "w") as f:
+        for i in range(len(batch)):
+            n = int(batch.response_mask[i].sum())
+            ids = batch.response_ids[i, :n].tolist()
+            row = {"group": int(batch.group[i]), "correct": bool(batch.correct[i]), "reward": float(batch.rewards[i]),
+                   "prompt": batch.extras["prompts"][i], "gold": batch.extras["golds"][i], "text": batch.texts[i],
+                   "tokens": tok.convert_ids_to_tokens(ids), "token_text": [tok.decode([t]) for t in ids],
+                   "entropy": [round(x, 5) for x in batch.entropies[i, :n].tolist()],
+                   "step_ids": sids[i, :n].tolist(),
+                   "clip": batch.clip_mask[i, :n].int().tolist() if batch.clip_mask is not None else None}
+            f.write(json.dumps(row) + "\n")
+
+
+class Logger:
+    """metrics.jsonl (always), wandb (optional, offline by default)."""
+
+    def __init__(self, cfg, out: Path, resume_step: int):
+        self.path = out / "metrics.jsonl"
+        if self.path.exists():  # a resumed run drops the lines past its checkpoint
+            lines = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in lines))
+        self.wandb = None
+        if cfg.log.wandb:
+            import wandb
+            self.wandb = wandb.init(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode, config=to_dict(cfg),
+                                    dir=str(out))
+
+    def log(self, step: int, metrics: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+
+# Keys that may change when a run resumes (they change how long it runs or what it logs, not what it learns).
+RESUMABLE_CHANGES = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.threads", "reward.workers",
+                     "eval.", "log.")
+
+
+def prepare_out_dir(cfg, resume: bool, overwrite: bool, allow_changes: bool) -> Path | None:
+    """Checks the run folder before any work; returns the checkpoint to resume from (or None).
+
+    A fresh run never writes into a folder that holds another run: it stops, unless `overwrite`
+    moves the old run aside. `resume` continues the folder's run from its latest checkpoint, with
+    the same config (keys that only change length or logging may differ; others need allow_changes)."""
+    out = Path(cfg.train.out_dir)
+    saved = out / "config.json"
+    has_run = saved.exists() or (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
+    if not resume:
+        if has_run and not overwrite:
+            raise RunFolderError(
+                f"{out} already holds a run ({describe_run(out)}). Continue it with --resume, train into another "
+                f"folder with --set train.out_dir=..., or pass --overwrite to move the old run aside.")
+        if has_run:
+            aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(out, aside)
+            print(f"moved the previous run in {out} to {aside}")
+        return None
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        if has_run:
+            raise RunFolderError(f"--resume: {out} holds a run but no complete checkpoint to resume from "
+                                 f"({describe_run(out)}); start it again with --overwrite")
+        print(f"--resume: no run in {out}; starting a new one")
+        return None
+    if saved.exists():
+        changes = diff(json.loads(saved.read_text()), json.loads(json.dumps(to_dict(cfg))))
+        blocking = [c for c in changes if not c.split(":")[0].startswith(RESUMABLE_CHANGES)]
+        if blocking and not allow_changes:
+            raise RunFolderError(f"--resume: the config differs from the one {out} was trained with:\n  "
+                                 + "\n  ".join(blocking) + "\nresume with the same config, or pass --allow-changes")
+    return ckpt
+
+
+class RunFolderError(RuntimeError):
+    pass
+
+
+def describe_run(out: Path) -> str:
+    """'grpo+echo, 60 of 60 steps, last checkpoint step_000060' from a run folder's files."""
+    parts = []
+    try:
+        c = json.loads((out / "config.json").read_text())
+        parts.append(f"{c['algo']['name']}{'+echo' if c['echo']['enabled'] else ''}, "
+                     f"{c['train']['steps']} steps planned")
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        parts.append(f"metrics up to step {json.loads(lines[-1])['step']}" if lines else "no metrics")
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    ck = latest_checkpoint(out)
+    parts.append(f"last checkpoint {ck.name}" if ck else "no checkpoint")
+    return ", ".join(parts)
+
+
+def summary(cfg, rows: list[dict], wall: float, out: Path, command: str) -> None:
+    """The closing lines of a run: held-out accuracy before -> after, time, where things are, what next."""
+    py = python_cmd()
+    evals = [h for h in rows if any(k.startswith("eval/") for k in h)]
+    lines = [f"done: {cfg.train.steps} steps of {cfg.algo.name}{' + EchoRL' if cfg.echo.enabled else ''} "
+             f"in {wall / 60:.1f} min"]
+    for key in sorted({k for h in evals for k in h if k.startswith("eval/")}):
+        pts = [(h["step"], h[key]) for h in evals if key in h]
+        lines.append(f"held-out {key.split('/')[1]} accuracy: " + " -> ".join(f"{v:.3f} (step {s})" for s, v in
+                                                                              [pts[0], pts[-1]][:len(pts)]))
+    last = latest_checkpoint(out)
+    lines.append(f"run folder: {out} (metrics.jsonl, rollouts/, checkpoints/{last.name if last else ''})")
+    lines.append("next:")
+    lines.append(f"  {py} plots.py {out}")
+    if last:
+        lines.append(f"  {py} eval.py --model {last}")
+    launch = command if command.startswith("torchrun") else f"{py} {command}"
+    lines.append(f"  {launch} --resume --set train.steps={2 * cfg.train.steps}   # train further")
+    print("\n".join(lines))
+
+
+def python_cmd() -> str:
+    """How to call this Python in a printed command: the venv's path relative to here, else `python`."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return "python"
