@@ -273,12 +273,13 @@ def row_keys(seed: int, row_seeds: torch.Tensor) -> torch.Tensor:
 
 
 def uniforms(keys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """One uniform in (0, 1) per row: keys [S] stream keys, t [S] token positions -> [S] float32.
+    """The uniform in (0, 1) of each (stream key, token position): keys and t broadcast -> float32.
 
-    Counter-based (a pure function of key and position): a row draws the same numbers whatever
-    batch, slot or order it is sampled in. 24 bits, exact in float32, never 0 or 1.
+    Counter-based (a pure function of key and position, SplitMix-style: the hash of a Weyl
+    sequence), so a row draws the same numbers whatever batch, slot or order it is sampled in.
+    24 bits, exact in float32, never 0 or 1.
     """
-    h = hash32(hash32(keys ^ t) ^ keys)
+    h = hash32((keys + _mul32(t & M32, 0x9E3779B9)) & M32)
     return ((h >> 8).float() + 0.5) * 2.0 ** -24
 
 
@@ -341,10 +342,37 @@ class SlotCache:
             k[self.fill, :, :T] = key_states
             v[self.fill, :, :T] = value_states
             return key_states, value_states
-        idx = self.cols.view(-1, 1, 1, 1).expand_as(key_states)                 # [S, kv, 1, d]
-        k.scatter_(2, idx, key_states)
-        v.scatter_(2, idx, value_states)
+        # slot s writes column cols[s]: an index_put_, which compiled graphs keep in place
+        # (a scatter_ would be compiled as a copy of the whole buffer)
+        slot = torch.arange(k.shape[0], device=k.device)
+        k[slot, :, self.cols] = key_states[:, :, 0]                             # [S, kv, d]
+        v[slot, :, self.cols] = value_states[:, :, 0]
         return k[:, :, :self.window], v[:, :, :self.window]
+
+
+def slot_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """HF attention function ("echorl_sdpa") used while the sampler runs an "sdpa" model.
+
+    Decoding (one query per slot): the H / kv query heads that share a kv head are handed to sdpa
+    as that head's queries, [S, H, 1, d] -> [S, kv, H / kv, d], so the cached keys and values are
+    read as stored. HF's own sdpa does the same, but not under torch.compile, where it repeats
+    them per query head: a copy of the whole attended window, 6x the cache reads for Qwen2.5.
+    Prefill (several queries) is HF's sdpa unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    S, H, T, d = query.shape
+    if T > 1 or key.shape[1] == H:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(S, key.shape[1], H // key.shape[1], d), key, value, attn_mask=attention_mask,
+        scale=scaling)                                                          # [S, kv, H / kv, d]
+    return out.reshape(S, 1, H, d), None                                        # [S, T=1, H, d]
+
+
+def _register_slot_sdpa():
+    from transformers import AttentionInterface
+    AttentionInterface.register("echorl_sdpa", slot_sdpa)
 
 
 class Sampler:
@@ -383,8 +411,9 @@ class Sampler:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.compiled = self.device.type == "cuda" if compile == "auto" else bool(compile)
-        # decode attends to a window rounded up to this: few distinct shapes for the compiled step
-        self.window = window or (256 if self.compiled else 32)
+        # decode attends to the longest live sequence rounded up to this: few distinct shapes (graphs)
+        # for the compiled step; eager attends to exactly that length
+        self.window = window or (256 if self.compiled else 1)
         self.eos = torch.tensor(eos_ids(tokenizer, model), device=self.device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(self.eos[0])
         self.cache, self.stats, self.logits_processor = None, {}, None
@@ -400,24 +429,25 @@ class Sampler:
     def _attn_mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """Bool mask (True = attend) as the attention implementation takes it: as is for sdpa,
         additive (0 / dtype min) for eager."""
-        if self.model.config._attn_implementation == "sdpa":
+        if self.model.config._attn_implementation != "eager":
             return allowed
         return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(
             ~allowed, torch.finfo(self.dtype).min)
 
-    def _sample(self, logits, key, t, row):
-        """logits [n, V] fp32 of rows `row` [n] before their token t [n] -> tokens, log-probs, entropies."""
+    def _sample(self, logits, u, t, row):
+        """logits [n, V] fp32 of rows `row` [n] before their token t [n], uniforms u [n]
+        -> tokens, log-probs, entropies [n]."""
         if self.logits_processor is not None:
             logits = self.logits_processor(logits, row, t)
-        return sample_tokens(logits, uniforms(key, t), self.temperature, self.top_p)
+        return sample_tokens(logits, u, self.temperature, self.top_p)
 
-    def _decode_step(self, cur, pos, mask, key, t, row):
+    def _decode_step(self, cur, pos, mask, u, t, row):
         """One token for every slot: input tokens cur [S] at positions pos [S] (= cache columns),
         mask [S, 1, 1, W]. Fixed shapes, no host sync, no data-dependent branch: one CUDA graph."""
         self.cache.cols, self.cache.window = pos, mask.shape[-1]
         h = self.model.model(input_ids=cur[:, None], attention_mask=mask, position_ids=pos[:, None],
                              cache=self.cache, use_cache=True).last_hidden_state[:, -1]   # [S, H]
-        return self._sample(self.head(h).float(), key, t, row)
+        return self._sample(self.head(h).float(), u, t, row)
 
     def _prefill(self, slot_ids: list[int], seqs: list[list[int]]) -> torch.Tensor:
         """Write prompts `seqs` into slots `slot_ids`; the logits [n, V] of each one's first token."""
@@ -445,15 +475,27 @@ class Sampler:
         return self.cache
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, group_size: int = 1, max_new_tokens: int, temperature: float,
-                 top_p: float = 1.0, seed: int | None = None, row_seeds=None, logits_processor=None) -> Rollout:
+    def generate(self, prompts: list[str], **kw) -> Rollout:
         """Sample `group_size` completions of each prompt; rows i*G .. i*G+G-1 answer prompt i.
 
-        Row b's stream is keyed on (seed, row_seeds[b]); row_seeds defaults to the row index, and
-        seed to a draw from torch's global RNG (torch.manual_seed fixes it; successive calls
-        differ). Key rows on what identifies them (problem id, sample index) to make a row's
-        tokens independent of batching and resuming. `stats` then describes the call.
+        Arguments: group_size, max_new_tokens, temperature (0: greedy), top_p, seed, row_seeds,
+        logits_processor. Row b's stream is keyed on (seed, row_seeds[b]); row_seeds defaults to
+        the row index, and seed to a draw from torch's global RNG (torch.manual_seed fixes it;
+        successive calls differ). Key rows on what identifies them (problem id, sample index) to
+        make a row's tokens independent of batching and resuming. `stats` then describes the call.
         """
+        cfg = self.model.config
+        impl = cfg._attn_implementation
+        if impl == "sdpa":  # the model attends with slot_sdpa for the duration of the call
+            _register_slot_sdpa()
+            cfg._attn_implementation = "echorl_sdpa"
+        try:
+            return self._generate(prompts, **kw)
+        finally:
+            cfg._attn_implementation = impl
+
+    def _generate(self, prompts: list[str], *, group_size: int = 1, max_new_tokens: int, temperature: float,
+                  top_p: float = 1.0, seed: int | None = None, row_seeds=None, logits_processor=None) -> Rollout:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         dev, G, N = self.device, group_size, max_new_tokens
@@ -467,7 +509,8 @@ class Sampler:
         cache = self._cache_for(S, _round_up(max(map(len, seqs)) + N, self.window) + 1)
         seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else seed
         keys = row_keys(seed, torch.as_tensor(row_seeds if row_seeds is not None else range(B), dtype=torch.long))
-        keys = keys.to(dev)                                                   # [B]
+        # every uniform of the call at once, [B + 1, N] (row B: idle slots); a step gathers its [S]
+        U = uniforms(torch.cat([keys, keys[:1]])[:, None], torch.arange(N)[None, :]).to(dev)
         self.temperature, self.top_p, self.logits_processor = temperature, top_p, logits_processor
 
         # Outputs by row; row B is a sink that idle slots write to, so every step has the same shapes.
@@ -475,8 +518,8 @@ class Sampler:
         out_lp = torch.zeros(B + 1, N, device=dev)
         out_ent = torch.zeros(B + 1, N, device=dev)
         # Per-slot state on the device: input token, its position (= its cache column), index of the
-        # token to draw next, row (B = idle), stream key. Updated in place, never read by the host.
-        cur, pos, t, key = (torch.zeros(S, dtype=torch.long, device=dev) for _ in range(4))
+        # token to draw next, row (B = idle). Updated in place, never read by the host.
+        cur, pos, t = (torch.zeros(S, dtype=torch.long, device=dev) for _ in range(3))
         row = torch.full((S,), B, dtype=torch.long, device=dev)
         cols = torch.arange(cache.k[0].shape[2], device=dev)
         # Host side: which slots hold a row, and where: live slot s is at position offset[s] + n_decode.
@@ -497,9 +540,9 @@ class Sampler:
                 s_, r = torch.tensor(sl, device=dev), torch.tensor(rows, device=dev)
                 logits = self._prefill(sl, [seqs[b] for b in rows])                   # [k, V]
                 zero = torch.zeros_like(r)
-                tok, lp, ent = self._sample(logits, keys[r], zero, r)
+                tok, lp, ent = self._sample(logits, U[r, 0], zero, r)
                 done = record(r, zero, tok, lp, ent)
-                cur[s_], key[s_] = tok, keys[r]
+                cur[s_] = tok
                 pos[s_] = torch.tensor([len(seqs[b]) for b in rows], device=dev).masked_fill(done, 0)
                 t[s_], row[s_] = (~done).long(), r.masked_fill(done, B)
                 for s, b, d in zip(sl, rows, done.tolist()):
@@ -517,7 +560,7 @@ class Sampler:
             if self.compiled:
                 torch._dynamo.maybe_mark_dynamic(mask, 3)  # one graph for every window size
                 torch.compiler.cudagraph_mark_step_begin()
-            tok, lp, ent = self.step(cur, pos, mask, key, t, row)
+            tok, lp, ent = self.step(cur, pos, mask, U[row, t], t, row)
             done = record(row, t, tok, lp, ent)
             ended = done.tolist()  # the one host sync of a step
             cur.copy_(tok)
