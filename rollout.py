@@ -16,6 +16,7 @@ graph. HF `generate` (`generate_hf`) stays as the reference it is tested against
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections import deque
@@ -187,7 +188,8 @@ def generate(model, tokenizer, prompts: list[str], *, group_size: int, max_new_t
     count of the "slots" engine; the batch of each call of the "hf" engine). A one-off `Sampler`
     is built per call, so compilation is off by default here: a caller that samples repeatedly
     on a GPU should hold a `Sampler` (compiled once, its CUDA graphs reused across calls).
-    `return_logprobs` applies to the "hf" engine (the sampler always returns them).
+    `seed`, `row_seeds`, `logits_processor` and `compile` are the sampler's (see
+    `Sampler.generate`); `return_logprobs` is the "hf" engine's (the sampler always returns them).
     """
     if engine == "hf":
         return generate_hf(model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
@@ -320,8 +322,8 @@ class SlotCache:
     Per layer: keys and values [slots, kv_heads, length, head_dim] in the sampling dtype. Column c
     of a slot holds position c (no padding). It duck-types the one Cache method attention layers
     call, `update(k, v, layer_idx)`, which returns the keys/values to attend to:
-      * prefill (`fill` = [n] slot ids): the new prompts [n, kv, T, d] go to columns 0..T-1 of
-        those slots; a fresh prompt attends to itself only;
+      * prefill (`fill` = [n] slot ids, `src` = [n] prompt of each): the new prompts [m, kv, T, d]
+        go to columns 0..T-1 of those slots; a fresh prompt attends to itself only;
       * decode (`fill` is None): one column per slot, at `cols` [S]; attention reads columns
         0..window-1 (the longest live sequence, rounded up).
     """
@@ -332,15 +334,15 @@ class SlotCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         for buf in self.k + self.v:  # a CUDA graph may write them in place (as HF's StaticCache)
             torch._dynamo.mark_static_address(buf)
-        self.fill, self.cols, self.window = None, None, length
+        self.fill, self.src, self.cols, self.window = None, None, None, length
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = self.k[layer_idx], self.v[layer_idx]
         key_states, value_states = key_states.to(k.dtype), value_states.to(v.dtype)
         if self.fill is not None:
             T = key_states.shape[2]
-            k[self.fill, :, :T] = key_states
-            v[self.fill, :, :T] = value_states
+            k[self.fill, :, :T] = key_states[self.src]
+            v[self.fill, :, :T] = value_states[self.src]
             return key_states, value_states
         # slot s writes column cols[s]: an index_put_, which compiled graphs keep in place
         # (a scatter_ would be compiled as a copy of the whole buffer)
@@ -390,13 +392,18 @@ class Sampler:
     `torch.compile(mode="reduce-overhead")`: CUDA graphs replay the ~1,000 kernels of a step with
     one launch instead of launching each from Python. The cache then stays allocated between
     calls (the graphs hold its address): slots x cache_len x layers x 2 x kv_heads x head_dim x
-    bytes (Qwen2.5-1.5B in bf16, 128 slots x 3,328 columns: 12 GB); `release()` frees it.
+    bytes (Qwen2.5-1.5B in bf16, 128 slots x 3,328 columns: 12 GB); `release()` frees it. A call
+    that needs more columns or another slot count reallocates it (and compiles again). Sample
+    without autocast, from weights in the sampling dtype (`sampling_copy`): under autocast an
+    fp32 cache would be cast to bf16 at every step.
 
     Model: an HF causal LM whose attention calls `cache.update(k, v, layer_idx)` and uses a 4D
     mask as given (Qwen2, Llama, ...), attention "sdpa" or "eager", no sliding-window layers.
     `logits_processor(logits [S, V], row [S], t [S]) -> logits` may change the logits of row
     `row` before its token `t` is drawn (constraints, forced stops); the stored log-probs are
-    those of the processed distribution. It runs inside the compiled step: tensor ops only.
+    those of the processed distribution. Idle slots carry row = B (one past the last row). It
+    runs inside the compiled step: tensor ops only, and the same function object across calls
+    (a new one compiles again).
     """
 
     def __init__(self, model, tokenizer, *, slots: int = 0, compile: bool | str = "auto",
@@ -443,14 +450,16 @@ class Sampler:
 
     def _decode_step(self, cur, pos, mask, u, t, row):
         """One token for every slot: input tokens cur [S] at positions pos [S] (= cache columns),
-        mask [S, 1, 1, W]. Fixed shapes, no host sync, no data-dependent branch: one CUDA graph."""
+        mask [S, 1, 1, W]. Fixed shapes, no host sync, no data-dependent branch: compiled, one CUDA
+        graph per window size W."""
         self.cache.cols, self.cache.window = pos, mask.shape[-1]
         h = self.model.model(input_ids=cur[:, None], attention_mask=mask, position_ids=pos[:, None],
                              cache=self.cache, use_cache=True).last_hidden_state[:, -1]   # [S, H]
         return self._sample(self.head(h).float(), u, t, row)
 
-    def _prefill(self, slot_ids: list[int], seqs: list[list[int]]) -> torch.Tensor:
-        """Write prompts `seqs` into slots `slot_ids`; the logits [n, V] of each one's first token."""
+    def _prefill(self, slot_ids: list[int], seqs: list[list[int]], src: list[int]) -> torch.Tensor:
+        """Write prompt seqs[src[i]] into slot slot_ids[i]; the logits [len(slot_ids), V] of each
+        slot's first token. A prompt is run once however many rows (a GRPO group) it starts."""
         n, dev = len(seqs), self.device
         lens = torch.tensor([len(s) for s in seqs], device=dev)                             # [n]
         T = max(len(s) for s in seqs)
@@ -458,11 +467,12 @@ class Sampler:
         ar = torch.arange(T, device=dev)
         # causal, and keys inside the prompt (pad queries still see the prompt: no empty softmax row)
         allowed = (ar[:, None] >= ar[None, :])[None] & (ar[None, None, :] < lens[:, None, None])  # [n, T, T]
-        self.cache.fill = torch.tensor(slot_ids, device=dev)
+        self.cache.fill, self.cache.src = torch.tensor(slot_ids, device=dev), torch.tensor(src, device=dev)
         h = self.model.model(input_ids=ids, attention_mask=self._attn_mask(allowed[:, None]),
                              position_ids=ar.expand(n, T), cache=self.cache, use_cache=True).last_hidden_state
+        logits = self.head(h[torch.arange(n, device=dev), lens - 1]).float()                # [n, V]
         self.cache.fill = None
-        return self.head(h[torch.arange(n, device=dev), lens - 1]).float()                  # [n, V]
+        return logits[self.cache.src]                                                        # [len(slot_ids), V]
 
     def _cache_for(self, slots: int, length: int) -> SlotCache:
         c = self.cache
@@ -510,7 +520,7 @@ class Sampler:
         seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else seed
         keys = row_keys(seed, torch.as_tensor(row_seeds if row_seeds is not None else range(B), dtype=torch.long))
         # every uniform of the call at once, [B + 1, N] (row B: idle slots); a step gathers its [S]
-        U = uniforms(torch.cat([keys, keys[:1]])[:, None], torch.arange(N)[None, :]).to(dev)
+        U = uniforms(torch.cat([keys, keys[:1]]).to(dev)[:, None], torch.arange(N, device=dev)[None, :])
         self.temperature, self.top_p, self.logits_processor = temperature, top_p, logits_processor
 
         # Outputs by row; row B is a sink that idle slots write to, so every step has the same shapes.
@@ -538,7 +548,8 @@ class Sampler:
                 sl, rows = free[:k], [pending.popleft() for _ in range(k)]
                 del free[:k]
                 s_, r = torch.tensor(sl, device=dev), torch.tensor(rows, device=dev)
-                logits = self._prefill(sl, [seqs[b] for b in rows])                   # [k, V]
+                first = {i: j for j, i in enumerate(dict.fromkeys(b // G for b in rows))}  # prompt -> index
+                logits = self._prefill(sl, [ids[i] for i in first], [first[b // G] for b in rows])  # [k, V]
                 zero = torch.zeros_like(r)
                 tok, lp, ent = self._sample(logits, U[r, 0], zero, r)
                 done = record(r, zero, tok, lp, ent)
@@ -613,7 +624,7 @@ def sampling_copy(model, dtype: torch.dtype):
     if all(p.dtype == dtype for p in model.parameters()):
         return model
     with torch.device("meta"):
-        twin = type(model)(model.config)
+        twin = type(model)(copy.deepcopy(model.config))
     twin = twin.to(dtype).to_empty(device=next(model.parameters()).device)
     src = dict(model.named_modules())
     for name, mod in twin.named_modules():

@@ -26,6 +26,7 @@ Usage (from the repo root):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 import time
@@ -159,7 +160,8 @@ def tiny_variant(spec: dict) -> dict:
         call()
         sampler.release()  # no CUDA graphs on CPU: the measured calls allocate (and count) the cache
     out = measure(call, warm, "cpu", spec["repeats"])
-    out.pop("rollout")
+    r = out.pop("rollout")
+    out["digest"] = hashlib.sha1(r.response_ids.numpy().tobytes()).hexdigest()[:12]
     return out
 
 
@@ -171,22 +173,26 @@ def cpu_main(args):
         print("warm start not cached: building it (train.model_path, 1-2 minutes)", flush=True)
         path = train.model_path(cfg)
     B = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    cells = [("hf", B, False), ("hf", 64, False), ("slots", B, False), ("slots", 64, False), ("slots", 32, False)]
+    if args.quick:
+        cells, args.repeats = [cells[0], cells[2], cells[3]], 1
+    elif not args.no_compile:
+        cells += [("slots", B, True), ("slots", 64, True)]
     threads = args.threads or cfg.train.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     print(machine("cpu"))
     print(f"model: warm-started tiny {path}; {cfg.rollout.prompts_per_step} prompts x G={cfg.rollout.group_size} "
           f"= {B} rows, temperature {cfg.rollout.temperature}; median of {args.repeats} calls after a warm-up",
           flush=True)
-    cells = [("hf", B, False), ("hf", 64, False), ("slots", B, False), ("slots", 64, False), ("slots", 32, False)]
-    if not args.no_compile:
-        cells += [("slots", B, True), ("slots", 64, True)]
-    rows = []
+    rows, digests = [], {}
     for workload in ("tiny", "long-tail"):
         base = None
         for engine, batch, comp in cells:
             spec = {"model": str(path), "workload": workload, "engine": engine, "batch": batch, "compile": comp,
                     "threads": threads, "repeats": args.repeats}
             out = isolated(tiny_variant, spec)
+            if engine == "slots":
+                digests.setdefault(workload, set()).add(out["digest"])
             base = base or out["tok/s"]
             rows.append([workload, engine, "all" if batch == B else batch, "on" if comp else "off", out["tokens"],
                          out["tok/s"], out["tok/s"] / base, out["efficiency"], out["ms/step"], out["steps"],
@@ -194,6 +200,9 @@ def cpu_main(args):
             print(" | ".join(map(str, rows[-1])), flush=True)
     print()
     print(table(HEADERS, rows))
+    for workload, d in digests.items():  # per-row streams: slots and compilation must not change a token
+        print(f"{workload}: the sampler variants drew {'the same tokens' if len(d) == 1 else 'DIFFERENT tokens'} "
+              f"({len(d)} distinct digest(s) over slot counts and compile on/off)")
 
 # ----------------------------------------------------------------------------------------
 # GPU check: the real Qwen2.5-Math-1.5B shape
@@ -289,6 +298,7 @@ def gpu_main(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU: HF vs sampler static and 64 slots, 1 call (smoke)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: configs/tiny.yaml's)")
     ap.add_argument("--no-compile", action="store_true", help="CPU: skip the compiled sampler variants")

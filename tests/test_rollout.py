@@ -115,6 +115,11 @@ def test_select_and_concat_round_trip(tok_model):
         pm = back.prompt_mask[i].bool()
         assert back.prompt_ids[i][pm].tolist() == b.prompt_ids[i][b.prompt_mask[i].bool()].tolist()
     assert isinstance(back, Rollout) and back.texts == b.texts
+    # the sampler's log-probs and entropies travel with their tokens (zero-padded like the mask)
+    for name in ("sample_logprobs", "sample_entropies"):
+        assert getattr(c, name).shape == c.response_ids.shape
+        assert torch.equal(getattr(back, name)[:, :getattr(b, name).shape[1]], getattr(b, name))
+        assert (getattr(c, name)[c.response_mask == 0] == 0).all()
 
 
 def test_saved_tiny_tokenizer_loads_back_with_identical_ids(tok_model, tmp_path):
