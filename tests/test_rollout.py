@@ -214,11 +214,21 @@ def qwen_tok_model():
     return tok, Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
 
 
-@pytest.mark.parametrize("which", ["tiny", "qwen"])
-def test_greedy_sampler_gives_hf_generate_tokens_for_every_slot_count(which, tok_model, request):
-    tok, model = tok_model if which == "tiny" else request.getfixturevalue("qwen_tok_model")
+@pytest.fixture(scope="module")
+def eager_tok_model():
+    tok = tiny.build_tokenizer()
+    model = tiny.build_model(tok, seed=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=64).eval()
+    model.set_attn_implementation("eager")  # additive float masks instead of sdpa's boolean ones
+    return tok, model
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny-eager", "qwen"])
+def test_greedy_sampler_gives_hf_generate_tokens_for_every_slot_count(which, request):
+    fixture = {"tiny": "tok_model", "tiny-eager": "eager_tok_model", "qwen": "qwen_tok_model"}[which]
+    tok, model = request.getfixturevalue(fixture)
     prompts = render_prompts(QUESTIONS, tok, "plain" if which == "qwen" else "chat")
-    N = 24 if which == "tiny" else 12  # Qwen's 151,936-token vocabulary makes each step slower
+    N = 12 if which == "qwen" else 24  # Qwen's 151,936-token vocabulary makes each step slower
     ref = generate_hf(model, tok, prompts, group_size=1, max_new_tokens=N, temperature=0)
     ref_ids = [ids[m.bool()].tolist() for ids, m in zip(ref.response_ids, ref.response_mask)]
     for slots in (1, 3, 8, 0):  # 10 rows: refill at 1, 3 and 8 slots; 0 = all rows at once
