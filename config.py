@@ -60,7 +60,9 @@ class RolloutConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0          # > 0: greedy rollouts would make every group degenerate
     top_p: float = 1.0
-    gen_batch_size: int = 0           # sequences per generate call; 0 = all at once
+    engine: Literal["slots", "hf"] = "slots"  # sampler.Sampler (continuous refill), or plain HF generate
+    slots: int = 0                    # sequences decoded at once; a finished one's slot takes the next row. 0 = all
+    compile: Literal["auto", "on", "off"] = "auto"  # the decoding step as CUDA graphs; auto: on for CUDA only
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # sampling weights; auto: model.autocast,
                                       # else model.dtype. Another dtype than the policy's keeps a copy in it
 
@@ -87,6 +89,7 @@ class AlgoConfig:
     overlong_buffer: int | None = None  # DAPO soft overlong punishment over the last N tokens; -1 = max_new_tokens // 4
     overlong_penalty: float = 1.0
     kl_coef: float = 0.0              # k3 KL to the initial policy; 0 = no reference model
+    tis_cap: float | None = None      # truncated importance sampling: per-token loss x min(pi_old / pi_sampler, cap)
     entropy_coef: float = 0.0         # entropy bonus (the authors' runs use 0.001); 0 = off
 
     def resolved(self) -> "AlgoConfig":
@@ -108,6 +111,10 @@ class TrainConfig:
     mini_batches: int = 2             # optimizer steps per epoch
     micro_batch_size: int = 64        # sequences per forward/backward
     logprob_chunk: int = 1024         # tokens per chunk of the LM head + log-softmax
+    old_logprobs: Literal["auto", "recompute", "sampler"] = "auto"  # the old policy's log-probs and entropies:
+                                      # the sampler's (no extra pass), or a teacher-forced pass. auto: the
+                                      # sampler's where they are the same numbers (it samples with the policy's
+                                      # own weights and dtype), else recompute and log the mismatch
     seed: int = 0
     device: str = "auto"              # auto: cuda if visible, else cpu; "cuda" without a GPU stops at load
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # under torchrun; auto: nccl on GPUs, gloo on CPU
@@ -307,7 +314,7 @@ def check(cfg: Config) -> None:
               "eval.every": cfg.eval.every, "eval.limit": cfg.eval.limit, "log.log_rollouts_every":
               cfg.log.log_rollouts_every, "algo.max_sampling_rounds": cfg.algo.max_sampling_rounds,
               "reward.workers": cfg.reward.workers, "train.threads": cfg.train.threads,
-              "rollout.gen_batch_size": cfg.rollout.gen_batch_size, "algo.kl_coef": cfg.algo.kl_coef,
+              "rollout.slots": cfg.rollout.slots, "algo.kl_coef": cfg.algo.kl_coef,
               "algo.entropy_coef": cfg.algo.entropy_coef, "echo.coef": cfg.echo.coef,
               "train.keep_checkpoints": cfg.train.keep_checkpoints}
     for k, v in nonneg.items():
@@ -329,6 +336,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.lr' must be > 0, got {cfg.train.lr}")
     if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1:
         raise ConfigError(f"config key 'algo.dual_clip' must be > 1 (or null), got {cfg.algo.dual_clip}")
+    if cfg.algo.tis_cap is not None and cfg.algo.tis_cap <= 0:
+        raise ConfigError(f"config key 'algo.tis_cap' must be > 0 (or null), got {cfg.algo.tis_cap}")
     if cfg.algo.eps_low < 0 or cfg.algo.eps_high < 0:
         raise ConfigError("config keys 'algo.eps_low' and 'algo.eps_high' must be >= 0")
 

@@ -10,7 +10,7 @@ Under torchrun every process (rank) holds:
   * the policy, sharded with FSDP2 `fully_shard` on each decoder layer and on the root: fp32 master
     weights, gradients and AdamW states are split across ranks; forwards all-gather one layer at a
     time (in bf16 when the config asks for it, via a MixedPrecisionPolicy);
-  * a full, unsharded copy of the policy for sampling (rollout.sampling_copy), refreshed after every
+  * a full, unsharded copy of the policy for sampling (sampler.sampling_copy), refreshed after every
     optimizer step by gathering each layer once (`refresh_copy`): generation never all-gathers per
     token, and each rank can stop generating when its own rows are done;
   * its own share of the step's prompts, whole groups (`RankShare`), so group advantages stay local.
@@ -216,7 +216,7 @@ class RankShare:
 
 # How a step's metrics combine over ranks: counts and each rank's share of a global loss add up;
 # times take the slowest rank; everything else (fractions of equal-size shares, norms) is averaged.
-SUMMED = ("loss_pg", "loss_echo", "kl", "entropy_bonus", "clip_frac_low", "clip_frac_high", "echo/n_clips",
+SUMMED = ("loss_pg", "loss_echo", "kl", "entropy_bonus", "clip_frac_low", "clip_frac_high", "echo/n_clips", "rollout/tokens",
           "echo/success_groups", "batch_rows", "verifier/")
 SLOWEST = ("time/",)
 

@@ -11,9 +11,10 @@ else from config.py's defaults. The script prints which.
 Generations go through rollout.py (the same sampler as training) and are cached as JSONL in
 --out-dir, one line per finished problem, under a name that holds the model's weight files (names,
 sizes, modification times) and every sampling setting: an interrupted run resumes where it stopped,
-and new weights at the same path are never scored from an old cache. The remaining problems of a
-resumed run are sampled from a fresh random stream, so sampled metrics match an uninterrupted run
-only up to sampling noise. train.py's periodic evaluation calls `evaluate()`.
+and new weights at the same path are never scored from an old cache. Every sample has its own random
+stream keyed on (seed, problem id, sample index), so a resumed run, another batch size or the
+in-loop evaluation of the same weights draw the same texts. train.py's periodic evaluation calls
+`evaluate()`.
 
 Temperature 0 means greedy decoding: every sample would be identical, so n is forced to 1
 (with a warning) and pass@k for k > 1 is refused.
@@ -26,9 +27,9 @@ import json
 import math
 import re
 import warnings
+import zlib
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 import data
@@ -151,12 +152,16 @@ def evaluate(model, tokenizer, problems: list[Problem], *, n: int = 1, temperatu
              top_p: float = 1.0, max_new_tokens: int = 1024, template: str = "chat",
              system_prompt: str | None = None, batch_size: int | None = None,
              ks: tuple[int, ...] = (1,), cache_path: str | Path | None = None,
-             progress: bool = True, desc: str = "eval", leave: bool = True) -> dict:
+             progress: bool = True, desc: str = "eval", leave: bool = True, seed: int = 0,
+             sampler=None) -> dict:
     """Sample n responses per problem and score them.
 
     Returns the metrics of `summarize` plus "records": [score_problem(...) per problem].
     `batch_size` bounds the sequences per generate call; problems are generated
     batch_size // n at a time and each finished chunk is appended to `cache_path`.
+    Sample j of problem p draws from a random stream keyed on (seed, p.id, j): the same texts
+    whatever the batching, the order of the problems, or an interruption and resume.
+    `sampler`: a sampler.Sampler to reuse (train.py's, with its compiled step); default: one per call.
     """
     if not problems:
         raise ValueError("evaluate: no problems")
@@ -180,8 +185,10 @@ def evaluate(model, tokenizer, problems: list[Problem], *, n: int = 1, temperatu
     for s in range(0, len(todo), per_call):
         chunk = todo[s:s + per_call]
         prompts = rollout.render_prompts([p.question for p in chunk], tokenizer, template, system_prompt)
-        out = rollout.generate(model, tokenizer, prompts, group_size=n, max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, batch_size=batch_size)
+        kw = dict(group_size=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                  row_seeds=[row_seed(p.id, j) for p in chunk for j in range(n)])
+        out = sampler.generate(prompts, **kw) if sampler is not None else \
+            rollout.generate(model, tokenizer, prompts, batch_size=batch_size, **kw)
         lengths = out.response_mask.sum(-1).long().tolist()  # [len(chunk) * n]
         truncated = out.truncated.tolist()
         new = [{"id": p.id, "texts": out.texts[i * n:(i + 1) * n], "lengths": lengths[i * n:(i + 1) * n],
@@ -195,6 +202,11 @@ def evaluate(model, tokenizer, problems: list[Problem], *, n: int = 1, temperatu
     records = [score_problem(p, done[p.id]["texts"], done[p.id]["lengths"], done[p.id]["truncated"])
                for p in problems]
     return {**summarize(records, n, ks), "records": records}
+
+
+def row_seed(problem_id: str, sample: int) -> int:
+    """A stable 31-bit key of (problem, sample index): crc32, not hash(), which changes per process."""
+    return zlib.crc32(f"{problem_id}\x00{sample}".encode()) & 0x7FFFFFFF
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="eval_out")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's train.seed, so a "
+                                                          "run's checkpoint draws what its in-loop eval drew)")
     return p.parse_args(argv)
 
 
@@ -350,19 +363,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = run_tag(args.model, n, e.temperature, args.top_p, e.max_new_tokens, cfg.data.template,
-                  cfg.data.system_prompt, args.seed)
+                  cfg.data.system_prompt, cfg.train.seed if args.seed is None else args.seed)
     dtype = args.dtype or (cfg.model.autocast if cfg.model.autocast != "none" else cfg.model.dtype)
 
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    torch.manual_seed(args.seed)
+    seed = cfg.train.seed if args.seed is None else args.seed
     model, tokenizer = load_model(args.model, dtype, args.device)
+    from sampler import Sampler
+    engine = Sampler(model, tokenizer, slots=e.batch_size)  # built once: its compiled step (CUDA) is reused
     results, records = {}, {}
     for name, problems in benchmarks:
         res = evaluate(model, tokenizer, problems, n=n, temperature=e.temperature, top_p=args.top_p,
                        max_new_tokens=e.max_new_tokens, template=cfg.data.template,
                        system_prompt=cfg.data.system_prompt, batch_size=e.batch_size, ks=ks,
-                       cache_path=out_dir / f"{tag}__{name}.jsonl", desc=name)
+                       cache_path=out_dir / f"{tag}__{name}.jsonl", desc=name, seed=seed, sampler=engine)
         records[name] = res.pop("records")
         results[name] = res
 
@@ -370,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     settings_used = {"model": args.model, "source": source, "n": n, "temperature": e.temperature,
                      "top_p": args.top_p, "max_new_tokens": e.max_new_tokens, "k": list(ks), "limit": e.limit,
                      "template": cfg.data.template, "system_prompt": cfg.data.system_prompt, "dtype": dtype,
-                     "seed": args.seed, "weights": weights_fingerprint(args.model)}
+                     "seed": seed, "weights": weights_fingerprint(args.model)}
     (out_dir / f"{tag}.json").write_text(json.dumps(
         {"settings": settings_used, "results": results, "records": records}, indent=1, ensure_ascii=False))
     (out_dir / f"{tag}.md").write_text(f"# {args.model}\n\n{table}\n")

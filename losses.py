@@ -202,7 +202,17 @@ PRESETS = {
 
 
 def policy_loss(logp, old_logp, adv, mask, *, policy_loss: str, aggregation: str, eps_low: float,
-                eps_high: float, norm: Norm, dual_clip: float | None = None):
-    """The method's policy loss for one micro-batch, and token-summed clip counts for logging."""
+                eps_high: float, norm: Norm, dual_clip: float | None = None, token_weights=None):
+    """The method's policy loss for one micro-batch, and token-summed clip counts for logging.
+    `token_weights` [B, T] (no gradient) multiply the per-token loss, e.g. `tis_weights`."""
     loss_tok, stats = POLICY_LOSSES[policy_loss](logp, old_logp, adv, mask, eps_low, eps_high, dual_clip)
+    if token_weights is not None:
+        loss_tok = loss_tok * token_weights
     return aggregate(loss_tok, mask, aggregation, norm), {k: (v * mask).sum() for k, v in stats.items()}
+
+
+def tis_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (the correction verl and TRL document for a sampler whose numbers
+    differ from the trainer's, e.g. bf16 sampling): w_t = min(pi_old(y_t) / pi_sampler(y_t), cap),
+    no gradient. The tokens were drawn from the sampler, the PPO ratio is taken against pi_old."""
+    return torch.exp(old_logp - sampler_logp).clamp(max=cap).detach()

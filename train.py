@@ -39,9 +39,10 @@ from data import DataError
 from dist import World
 from echorl import echo_loss, select_clips
 from entropy import delimiter_table, response_logprobs, step_ids
-from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss
+from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss, tis_weights
 from models import count_parameters, load_policy, model_source, resolve_device, rollout_dtype
-from rollout import Rollout, concat, eos_ids, generate, render_prompts
+from rollout import Rollout, concat, eos_ids, generate_hf, render_prompts
+from sampler import Sampler, refresh_sampling_copy, sampling_copy
 from runs import (CheckpointError, Logger, RunFolderError, dump_rollouts, latest_checkpoint, load_checkpoint,
                   prepare_out_dir, python_cmd, save_checkpoint, summary)
 
@@ -63,6 +64,7 @@ class Run:
     delims: dict                      # entropy.delimiter_table of echo.delimiter
     eos: list[int]                    # ids that end a response
     sampler: torch.nn.Module | None = None  # the weights rollouts and evals sample from (None: the policy)
+    engine: Sampler | None = None     # the slot sampler over those weights (None: rollout.engine "hf")
     world: World = World()            # this process's place among torchrun's processes (dist.py)
     step: int = 0                     # completed steps
 
@@ -88,15 +90,21 @@ def autocast(cfg: Config, model):
 # The step, stage by stage
 
 
-def sample(run: Run, problems: list) -> Rollout:
-    """Stage 1: G responses per problem (rows i*G .. i*G+G-1 answer problem i); golds and prompts in extras."""
+def sample(run: Run, problems: list, seed: int = 0) -> Rollout:
+    """Stage 1: G responses per problem (rows i*G .. i*G+G-1 answer problem i), with the sampler's
+    log-probs and entropies of every token; golds, prompts and the sampler's statistics in extras.
+    Row b draws from its own random stream keyed on (seed, b)."""
     cfg, rc = run.cfg, run.cfg.rollout
     prompts = render_prompts([p.question for p in problems], run.tok, cfg.data.template, cfg.data.system_prompt)
-    model = run.sampler or run.model  # a sampling copy is already in the rollout dtype: no autocast
-    model.eval()
-    with autocast(cfg, model) if run.sampler is None else nullcontext():
-        batch = generate(model, run.tok, prompts, group_size=rc.group_size, max_new_tokens=rc.max_new_tokens,
-                         temperature=rc.temperature, top_p=rc.top_p, batch_size=rc.gen_batch_size or None)
+    kw = dict(group_size=rc.group_size, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p)
+    if run.engine is not None:
+        batch = run.engine.generate(prompts, seed=seed, **kw)
+        batch.extras["sampler_stats"] = dict(run.engine.stats)
+    else:  # HF generate, the reference engine: the global torch RNG, autocast as the config asks
+        model = run.sampler or run.model
+        model.eval()
+        with autocast(cfg, model) if run.sampler is None else nullcontext():
+            batch = generate_hf(model, run.tok, prompts, batch_size=rc.slots or None, return_logprobs=True, **kw)
     batch.extras.update(golds=[p.answer for p in problems for _ in range(rc.group_size)],
                         prompts=[p for p in prompts for _ in range(rc.group_size)])
     return batch
@@ -132,7 +140,8 @@ def collect(run: Run, stats: dict, times: dict) -> Rollout:
         problems, batch = run.stream.next(n_draw)[:n_want - n_kept], None
         if problems:
             with timer(times, "generate"):
-                batch = sample(run, problems)
+                batch = sample(run, problems, seed=step_seed(run, r))
+            rollout_stats(batch, stats)
             with timer(times, "score"):
                 score(batch, cfg, run.reward_fn)
         if r == 0:
@@ -170,6 +179,20 @@ def collect(run: Run, stats: dict, times: dict) -> Rollout:
     return batch
 
 
+def step_seed(run: Run, round_: int) -> int:
+    """The sampling seed of a step's round: a function of (seed, rank, step, round) alone, so a resumed
+    run draws what the uninterrupted one would have."""
+    return ((run.cfg.train.seed * 4096 + run.world.rank) * 1_000_003 + run.step) * 16 + round_
+
+
+def rollout_stats(batch: Rollout, stats: dict) -> None:
+    """Adds a sampling call's useful tokens and slot-steps (decode efficiency = their ratio)."""
+    s = batch.extras.get("sampler_stats")
+    if s:
+        stats["rollout/tokens"] = stats.get("rollout/tokens", 0.0) + s["tokens"]
+        stats["rollout/slot_steps"] = stats.get("rollout/slot_steps", 0.0) + s["tokens"] / max(s["efficiency"], 1e-9)
+
+
 def group_stats(correct: torch.Tensor, rewards: torch.Tensor, G: int) -> dict:
     """Shares of degenerate groups (constant rewards: zero advantage), all-success and all-fail."""
     c = correct.view(-1, G)
@@ -189,31 +212,64 @@ def compute_advantages(batch: Rollout, cfg: Config, world: World = World()) -> N
 
 
 @torch.no_grad()
-def old_policy(run: Run, batch: Rollout) -> None:
+def old_policy(run: Run, batch: Rollout) -> dict:
     """Stage 4: old log-probs and token entropies of the policy that sampled the batch (and the
-    reference model's log-probs for the KL term), computed in the micro-batches the update will use,
-    so the first update sees ratio == 1 exactly (method.md pitfall 3)."""
+    reference model's log-probs for the KL term); returns the sampler-vs-trainer statistics.
+
+    The old policy is the sampling policy. Where the sampler computed the same numbers (the policy's
+    own weights and dtype: train.old_logprobs auto -> "sampler"), its log-probs and entropies are
+    used and no pass runs; they differ from a teacher-forced pass only by cached vs full-sequence
+    float rounding (~1e-6), so the first update's ratio is 1 up to that. Otherwise (bf16 sampling
+    copy, autocast, or "recompute") a pass computes them in the micro-batches the update will use,
+    so the first update sees ratio == 1 exactly (method.md pitfall 3), and the mismatch with the
+    sampler's log-probs is logged."""
     cfg = run.cfg
-    run.model.eval()
-    lps, ents, refs = [], [], []
+    use_sampler = old_logprobs_from_sampler(run) and batch.sample_logprobs is not None
+    if use_sampler:
+        batch.old_logprobs, batch.entropies = batch.sample_logprobs, batch.sample_entropies
+        if run.ref_model is None:
+            return {}
+    models = ([] if use_sampler else [run.model]) + ([run.ref_model] if run.ref_model is not None else [])
+    for m in models:
+        m.eval()
+    out = {m: ([], []) for m in models}
     slices = [rows for mini in even_out(update_slices(batch.in_policy, cfg), run.world) for rows in mini]
     for rows in slices:
-        if rows is None:  # another rank has one more micro-batch: a forward that keeps FSDP's collectives in step
-            response_logprobs(run.model, batch.select([0]), chunk_size=cfg.train.logprob_chunk)
-            continue
-        mb = batch.select(rows)
-        with autocast(cfg, run.model):
-            lp, ent = response_logprobs(run.model, mb, temperature=cfg.rollout.temperature,
-                                        chunk_size=cfg.train.logprob_chunk, with_entropy=True)
-        lps.append(lp)
-        ents.append(ent)
-        if run.ref_model is not None:
-            with autocast(cfg, run.ref_model):
-                refs.append(response_logprobs(run.ref_model, mb, temperature=cfg.rollout.temperature,
-                                              chunk_size=cfg.train.logprob_chunk)[0])
+        mb = batch.select(rows if rows is not None else [0])  # None: a forward keeping FSDP's collectives in step
+        for m in models:
+            with autocast(cfg, m):
+                lp, ent = response_logprobs(m, mb, temperature=cfg.rollout.temperature,
+                                            chunk_size=cfg.train.logprob_chunk, with_entropy=m is run.model)
+            if rows is not None:
+                out[m][0].append(lp)
+                out[m][1].append(ent)
     order = torch.cat([rows for rows in slices if rows is not None]).argsort().to(batch.response_ids.device)
-    batch.old_logprobs, batch.entropies = torch.cat(lps)[order], torch.cat(ents)[order]
-    batch.ref_logprobs = torch.cat(refs)[order] if refs else None
+    if run.ref_model is not None:
+        batch.ref_logprobs = torch.cat(out[run.ref_model][0])[order]
+    if use_sampler:
+        return {}
+    batch.old_logprobs, batch.entropies = torch.cat(out[run.model][0])[order], torch.cat(out[run.model][1])[order]
+    return sampler_mismatch(batch) if batch.sample_logprobs is not None else {}
+
+
+def old_logprobs_from_sampler(run: Run) -> bool:
+    """train.old_logprobs: "auto" takes the sampler's numbers when it samples with the policy's own
+    weights, in the policy's dtype, without autocast: the same computation as the trainer's pass."""
+    mode = run.cfg.train.old_logprobs
+    if mode == "auto":
+        return run.sampler is None and run.cfg.model.autocast == "none" and run.engine is not None
+    return mode == "sampler"
+
+
+def sampler_mismatch(batch: Rollout) -> dict:
+    """How far the sampler's log-probs are from the old policy's (policy tokens): mean and max |diff|
+    and the k3 estimate of KL(sampler || trainer) with r = pi_old / pi_sampler: mean(r - 1 - log r)."""
+    m = batch.policy_mask.bool()
+    if not m.any():
+        return {}
+    d = (batch.old_logprobs - batch.sample_logprobs)[m]                              # log r
+    return {"sampler/logprob_abs_diff": float(d.abs().mean()), "sampler/logprob_max_diff": float(d.abs().max()),
+            "sampler/kl_k3": float((d.exp() - 1 - d).mean())}
 
 
 def echo_clips(batch: Rollout, cfg: Config, delims: dict, eos: list[int], gen: torch.Generator) -> dict:
@@ -237,9 +293,12 @@ def microbatch_loss(logp: torch.Tensor, ent: torch.Tensor, mb: Rollout, norm: No
     `mb.clip_mask` (EchoClip tokens, all-correct groups only) for the echo term."""
     a = cfg.algo
     mask = mb.policy_mask                                                       # [b, R]
+    tis = None
+    if a.tis_cap is not None and mb.sample_logprobs is not None:
+        tis = tis_weights(mb.old_logprobs, mb.sample_logprobs, a.tis_cap)
     loss, clipped = policy_loss(logp, mb.old_logprobs, mb.advantages, mask, policy_loss=a.policy_loss,
                                 aggregation=a.aggregation, eps_low=a.eps_low, eps_high=a.eps_high,
-                                norm=norm, dual_clip=a.dual_clip)
+                                norm=norm, dual_clip=a.dual_clip, token_weights=tis)
     stats = {"loss_pg": loss.detach(), "clip_low": clipped["clip_low"], "clip_high": clipped["clip_high"]}
     if mb.ref_logprobs is not None and a.kl_coef > 0:
         kl = aggregate(kl_k3(logp, mb.ref_logprobs), mask, a.aggregation, norm)
@@ -337,7 +396,7 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
     with timer(times, "advantages"):
         compute_advantages(batch, run.cfg, run.world)
     with timer(times, "old_logprobs"):
-        old_policy(run, batch)
+        stats.update(old_policy(run, batch))
     if run.cfg.echo.enabled:
         with timer(times, "echo_select"):
             stats.update(echo_clips(batch, run.cfg, run.delims, run.eos, run.gen))
@@ -345,6 +404,9 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
         stats.update(update(run, batch))
     run.step += 1
     stats.update(batch_stats(batch))
+    if "rollout/tokens" in stats:
+        stats["rollout/decode_efficiency"] = stats["rollout/tokens"] / max(stats.pop("rollout/slot_steps"), 1.0)
+        stats["time/rollout_tokens_per_s"] = stats["rollout/tokens"] / max(times.get("generate", 0.0), 1e-9)
     stats.update({f"time/{k}": v for k, v in times.items()})
     if cuda:
         stats["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -434,8 +496,7 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
         ref_model = load_policy(base, cfg, device)[0].requires_grad_(False).eval()
     sampler = None
     if copy_bytes:  # the weights rollouts sample from, when they are not the policy itself
-        import copy
-        sampler = copy.deepcopy(model).to(sampling).requires_grad_(False).eval()
+        sampler = sampling_copy(model, sampling, always=world.size > 1)
     if world.size > 1:
         compute = getattr(torch, cfg.model.autocast) if cfg.model.autocast != "none" else None
         model = dist.shard(model, compute)
@@ -448,9 +509,13 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
     gen = torch.Generator().manual_seed(cfg.train.seed + world.rank)
     if reward_fn is None:
         reward_fn = partial(reward.score_batch, workers=cfg.reward.workers, format_reward=cfg.reward.format_reward)
+    engine = None
+    if cfg.rollout.engine == "slots":
+        engine = Sampler(sampler or model, tok, slots=cfg.rollout.slots,
+                         compile={"auto": "auto", "on": True, "off": False}[cfg.rollout.compile])
     run = Run(cfg=cfg, model=model, tok=tok, opt=opt, sched=sched, stream=stream, reward_fn=reward_fn,
               ref_model=ref_model, gen=gen, delims=delimiter_table(tok, cfg.echo.delimiter), eos=eos_ids(tok, model),
-              sampler=sampler, world=world)
+              sampler=sampler, engine=engine, world=world)
     if checkpoint is not None:
         run.step = load_checkpoint(checkpoint, run)
     return run
@@ -461,9 +526,7 @@ def refresh_sampler(run: Run) -> None:
     if run.world.size > 1:
         dist.refresh_copy(run.sampler, run.model)
     else:
-        with torch.no_grad():
-            for p, q in zip(run.model.parameters(), run.sampler.parameters(), strict=True):
-                q.copy_(p)
+        refresh_sampling_copy(run.sampler, run.model)
 
 
 def seed_everything(seed: int) -> None:
@@ -517,12 +580,12 @@ def run_eval(run: Run, problems: dict, progress: bool = True) -> dict:
     out = {}
     for name, probs in problems.items():
         mine = probs[world.rank::world.size]
-        with autocast(cfg, model) if run.sampler is None else nullcontext():
+        with autocast(cfg, model) if run.sampler is None and run.engine is None else nullcontext():
             res = evaluate(model, run.tok, mine, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=1.0,
                            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                            template=cfg.data.template, system_prompt=cfg.data.system_prompt,
                            batch_size=cfg.eval.batch_size, progress=progress and world.main,
-                           desc=f"eval {name}", leave=False)
+                           desc=f"eval {name}", leave=False, sampler=run.engine, seed=cfg.train.seed)
         n = res["n"]
         correct, samples = world.sum(torch.tensor([res["avg@n"] * len(mine) * n, len(mine) * n],
                                                   dtype=torch.float64, device=world.device)).tolist()

@@ -1,4 +1,4 @@
-"""Generation throughput: HF `generate` (static batches) vs the slot sampler (rollout.Sampler).
+"""Generation throughput: HF `generate` (static batches) vs the slot sampler (sampler.Sampler).
 
 Workloads (CPU, the tiny default):
   tiny       the warm-started tiny model's own rollouts with configs/tiny.yaml's settings:
@@ -63,7 +63,7 @@ def _force(logits, t, stop_at, is_eos):
 
 
 def sampler_hook(lengths: list[int], eos: list[int], vocab: int, device):
-    """rollout.Sampler logits_processor: row b ends at lengths[b] (idle slots carry row B)."""
+    """sampler.Sampler logits_processor: row b ends at lengths[b] (idle slots carry row B)."""
     table_ = torch.tensor(lengths + [1], device=device)
     is_eos = torch.zeros(vocab, dtype=torch.bool, device=device)
     is_eos[eos] = True
@@ -137,7 +137,8 @@ def measure(call, warm, device: str, repeats: int) -> dict:
 def tiny_variant(spec: dict) -> dict:
     """One (workload, engine, rows at once, compile) cell, in its own process."""
     import train
-    from rollout import Sampler, eos_ids, render_prompts
+    from rollout import eos_ids, render_prompts
+    from sampler import Sampler
     torch.set_num_threads(spec["threads"])
     cfg = tiny_config()
     model, tok = train.load_model(spec["model"], cfg, "cpu")
@@ -172,9 +173,9 @@ def cpu_main(args):
     cfg = tiny_config()
     path = cached_warm_model(cfg)
     if path is None:
-        import train
-        print("warm start not cached: building it (train.model_path, 1-2 minutes)", flush=True)
-        path = train.model_path(cfg)
+        import models
+        print("warm start not cached: building it (models.model_source, 1-2 minutes)", flush=True)
+        path = models.model_source(cfg)
     B = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     cells = [("hf", B, False), ("hf", 64, False), ("slots", B, False), ("slots", 64, False), ("slots", 32, False)]
     if args.quick:
@@ -231,7 +232,8 @@ def qwen_model(model_dir: str, device: str, dtype, layers: int = 0):
 def gpu_main(args):
     import tiny
     from entropy import response_logprobs
-    from rollout import Sampler, eos_ids, render_prompts
+    from rollout import eos_ids, render_prompts
+    from sampler import Sampler
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t_start = time.perf_counter()
@@ -239,7 +241,7 @@ def gpu_main(args):
     model, tok = qwen_model(args.model_dir, device, dtype, args.layers)
     n_params = sum(p.numel() for p in model.parameters())
     G = 8
-    questions = [p.question for p in tiny.make_split(tiny.TaskConfig(), args.rows // G, "heldout")]
+    questions = [p.question for p in tiny.make_split(tiny.TinyConfig(), args.rows // G, "heldout")]
     prompts = render_prompts(questions, tok, "chat", "Please reason step by step, and put your final answer "
                                                       "within \\boxed{}.")
     B, N = len(prompts) * G, args.max_new_tokens
@@ -256,15 +258,19 @@ def gpu_main(args):
             print(f"budget of {args.budget_s} s spent: skipping {engine} slots={slots} compile={comp}", flush=True)
             continue
         torch.manual_seed(0)
-        sampler = None
         if engine == "hf":
-            call = lambda n=N: run_hf(model, tok, prompts, G, n, 1.0, B, [min(x, n) for x in lengths])
+            def call(n=N):
+                return run_hf(model, tok, prompts, G, n, 1.0, B, [min(x, n) for x in lengths])
         else:
-            sampler = Sampler(model, tok, slots=slots, compile=comp)
+            engine_ = Sampler(model, tok, slots=slots, compile=comp)
             hook = sampler_hook(lengths, eos, V, device)  # one hook object: no recompilation per call
-            call = lambda n=N: run_slots(sampler, prompts, G, n, 1.0, hook)
+
+            def call(n=N, engine_=engine_, hook=hook):
+                return run_slots(engine_, prompts, G, n, 1.0, hook)
         # compiled: the full call, so that every window size is compiled and captured before timing
-        out = measure(call, call if comp else (lambda: call(8)), device, args.repeats)
+        def short(call=call):
+            return call(8)
+        out = measure(call, call if comp else short, device, args.repeats)
         r = out.pop("rollout")
         assert r.response_lengths.long().tolist() == lengths, "forced lengths not reproduced"
         base = base or out["tok/s"]
@@ -282,8 +288,8 @@ def gpu_main(args):
             free[torch.arange(len(sub)), sub.response_lengths.long() - 1] = 0
             d = ((lp - sub.sample_logprobs) * free).abs().max().item()
             print(f"  max |sample log-prob - teacher-forced| over 16 rows: {d:.3g} ({dtype})", flush=True)
-            sampler.release()
-        del sampler, call, r
+            engine_.release()
+        del call, r
         if device == "cuda":
             torch.cuda.empty_cache()
     print()

@@ -82,7 +82,7 @@ def main(argv=None):
     print(machine(device), flush=True)
     print(f"random-init model of {args.model_dir}'s shape, {cfg.model.dtype} weights, autocast "
           f"{cfg.model.autocast}; {cfg.rollout.prompts_per_step} prompts x G={cfg.rollout.group_size}, gen batch "
-          f"{cfg.rollout.gen_batch_size}, micro-batch {cfg.train.micro_batch_size}", flush=True)
+          f"{cfg.rollout.slots}, micro-batch {cfg.train.micro_batch_size}", flush=True)
 
     rows = run_steps(cfg, args.steps, f"max_new_tokens={args.max_new_tokens}")
     out = [[f"{i + 1}", r["gen_tokens"], r["tokens_per_s"], *(r.get(f"time/{p}", 0.0) for p in PHASES),
@@ -90,7 +90,7 @@ def main(argv=None):
     headers = ["step", "gen tokens", "gen tok/s", *PHASES, "step s", "peak GiB"]
     if args.probe_len:
         pcfg = load_config(args.config, base + args.overrides + [
-            f"rollout.max_new_tokens={args.probe_len}", "rollout.prompts_per_step=2", "rollout.gen_batch_size=16"])
+            f"rollout.max_new_tokens={args.probe_len}", "rollout.prompts_per_step=2", "rollout.slots=16"])
         r = run_steps(pcfg, 1, f"probe max_new_tokens={args.probe_len}")[0]
         out.append([f"probe ({args.probe_len} tok, 2x{pcfg.rollout.group_size} rows)", r["gen_tokens"],
                     r["tokens_per_s"], *(r.get(f"time/{p}", 0.0) for p in PHASES), r["time/step"], r.get("mem/peak_gib", 0.0)])

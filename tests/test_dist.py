@@ -37,7 +37,7 @@ def build_cases(model_dir, tmp_path, dtype: str, lr: float) -> Path:
     cases = {}
     for name, overrides, rewards, n_echo in CASES:
         extra = [*overrides, "rollout.prompts_per_step=4", "rollout.group_size=4", "train.micro_batch_size=3",
-                 "train.mini_batches=1",
+                 "train.mini_batches=1", "train.old_logprobs=recompute",
                  "reward.truncated=score", "algo.overlong_buffer=0", f"model.dtype={dtype}", f"train.lr={lr}"]
         run = train.setup(small_cfg(model_dir, tmp_path, *extra),
                           reward_fn=scripted(rewards, (1,) * 4 * max(n_echo, 1)))

@@ -171,7 +171,8 @@ def test_cli_tiny_model(tmp_path, monkeypatch):
 
     def no_generation(*a, **kw):
         raise AssertionError("everything is cached")
-    monkeypatch.setattr(rollout, "generate", no_generation)
+    import sampler
+    monkeypatch.setattr(sampler.Sampler, "generate", no_generation)
     assert ev.main(argv) == results   # a rerun reads the cache
 
 
@@ -191,8 +192,9 @@ def test_new_weights_at_the_same_path_are_generated_again_not_read_from_the_cach
             "--out-dir", str(tmp_path / "out"), "--dtype", "float32", "--device", "cpu"]
     ev.main(argv)
     calls = []
-    real = rollout.generate
-    monkeypatch.setattr(rollout, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    import sampler
+    real = sampler.Sampler.generate
+    monkeypatch.setattr(sampler.Sampler, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
     ev.main(argv)
     assert calls == []                       # same weights: everything cached
     time.sleep(0.01)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from config import AlgoConfig
-from losses import (ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, PRESETS, Norm, adv_grpo, aggregate, gspo_loss, kl_k3,
+from losses import (ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, PRESETS, Norm, tis_weights, adv_grpo, aggregate, gspo_loss, kl_k3,
                     overlong_penalty, policy_loss, ppo_clip_loss)
 
 # Two groups of 4: one mixed, one all-success (advantage-degenerate).
@@ -327,8 +327,8 @@ def test_kl_k3_hand_value_zero_at_equality_and_nonnegative():
 
 
 def test_every_preset_fills_every_key_the_config_leaves_unset():
-    # keys the preset must fill: config fields whose default is None (dual_clip: None means "off")
-    needed = {f.name for f in dataclasses.fields(AlgoConfig) if f.default is None} - {"dual_clip"}
+    # keys the preset must fill: config fields whose default is None (dual_clip, tis_cap: None means "off")
+    needed = {f.name for f in dataclasses.fields(AlgoConfig) if f.default is None} - {"dual_clip", "tis_cap"}
     for name in PRESETS:
         assert needed <= set(PRESETS[name]), (name, needed - set(PRESETS[name]))
         algo = AlgoConfig(name=name).resolved()
@@ -381,3 +381,28 @@ def test_only_dapo_uses_dynamic_sampling_and_overlong_shaping():
     assert PRESETS["dapo"]["dynamic_sampling"] is True and PRESETS["dapo"]["overlong_buffer"] != 0
     for name in set(PRESETS) - {"dapo"}:
         assert PRESETS[name]["dynamic_sampling"] is False and PRESETS[name]["overlong_buffer"] == 0
+
+
+# ----------------------------------------------------------------------------------------
+# Truncated importance sampling (sampler vs trainer log-probs)
+
+
+def test_tis_weights_are_the_capped_trainer_over_sampler_ratio_without_gradient():
+    old = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    sampled = torch.tensor([[-1.5, -1.0, -0.5]])
+    w = tis_weights(old, sampled, cap=1.5)
+    # exp(0.5) = 1.6487 -> capped at 1.5; exp(-1) = 0.3679; exp(0) = 1
+    assert w.tolist()[0] == pytest.approx([1.5, math.exp(-1.0), 1.0]) and not w.requires_grad
+
+
+def test_tis_weights_scale_each_tokens_policy_loss():
+    """PPO-clip at ratio 1 gives -A per token; weighted by w and token-mean aggregated over 3 tokens:
+    A = (2, -1): (-2 * 1.5 - 2 * 0.5 + 1 * 1.0) / 3 = -1."""
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    w = torch.tensor([[1.5, 0.5], [1.0, 7.0]])
+    kw = dict(policy_loss="ppo_clip", aggregation="token-mean", eps_low=0.2, eps_high=0.2, norm=Norm.of(mask, 2))
+    loss, _ = policy_loss(logp, logp, torch.tensor([2.0, -1.0]), mask, token_weights=w, **kw)
+    assert loss.item() == pytest.approx(-1.0)
+    plain, _ = policy_loss(logp, logp, torch.tensor([2.0, -1.0]), mask, **kw)
+    assert plain.item() == pytest.approx((-2 - 2 + 1) / 3)

@@ -9,9 +9,10 @@ import torch
 
 import tiny
 from entropy import response_logprobs
-from rollout import (M32, Rollout, Sampler, _mul32, concat, eos_ids, generate, generate_hf, position_ids_from_mask,
-                     refresh_sampling_copy, render_prompts, response_mask_from_ids, row_keys, sample_tokens,
-                     sampling_copy, uniforms)
+from rollout import (Rollout, concat, eos_ids, generate, generate_hf, position_ids_from_mask, render_prompts,
+                     response_mask_from_ids)
+from sampler import (M32, Sampler, _mul32, refresh_sampling_copy, row_keys, sample_tokens, sampling_copy,
+                     uniforms)
 
 QWEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "qwen2.5-math-1.5b"
 
