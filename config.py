@@ -143,6 +143,8 @@ class LogConfig:
     wandb_project: str = "echorl"
     wandb_mode: Literal["offline", "online"] = "offline"
     log_rollouts_every: int = 20      # steps; dump one batch's rollouts (texts, entropies, clips) as JSONL
+    probe_every: int = 0              # steps; EchoRL's gradient share and peak-step sharpening (train.probe_*);
+                                      # costs about 1.5 micro-batch updates a probe; 0 = off
 
 
 @dataclass
@@ -312,7 +314,7 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"config key '{k}' must be > 0, got {v}")
     nonneg = {"train.save_every": cfg.train.save_every, "train.warmup_steps": cfg.train.warmup_steps,
               "eval.every": cfg.eval.every, "eval.limit": cfg.eval.limit, "log.log_rollouts_every":
-              cfg.log.log_rollouts_every, "algo.max_sampling_rounds": cfg.algo.max_sampling_rounds,
+              cfg.log.log_rollouts_every, "log.probe_every": cfg.log.probe_every, "algo.max_sampling_rounds": cfg.algo.max_sampling_rounds,
               "reward.workers": cfg.reward.workers, "train.threads": cfg.train.threads,
               "rollout.slots": cfg.rollout.slots, "algo.kl_coef": cfg.algo.kl_coef,
               "algo.entropy_coef": cfg.algo.entropy_coef, "echo.coef": cfg.echo.coef,

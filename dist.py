@@ -32,6 +32,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")  # where reductions run (the rank's GPU under NCCL)
+    launched: bool = False            # started by torchrun: the policy is sharded, even on one rank
 
     @property
     def main(self) -> bool:
@@ -88,7 +89,7 @@ class World:
 
 def init(cfg) -> World:
     """The world this process belongs to; under torchrun, the process group (checked before any work)."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+    if "WORLD_SIZE" not in os.environ:  # not launched by torchrun: one process, no process group
         return World()
     world = World(rank=int(os.environ["RANK"]), size=int(os.environ["WORLD_SIZE"]),
                   local_rank=int(os.environ.get("LOCAL_RANK", 0)))
@@ -107,7 +108,7 @@ def init(cfg) -> World:
         torch.cuda.set_device(world.local_rank)
     if not torch_dist.is_initialized():  # a second run in the same processes reuses the group
         torch_dist.init_process_group(backend)
-    return World(rank=world.rank, size=world.size, local_rank=world.local_rank,
+    return World(rank=world.rank, size=world.size, local_rank=world.local_rank, launched=True,
                  device=torch.device("cuda", world.local_rank) if backend == "nccl" else torch.device("cpu"))
 
 
@@ -135,7 +136,7 @@ def check_fits(n_params: int, world: World, device: torch.device, sampling_bytes
 def close(world: World) -> None:
     """Leave the process group together: a rank that tears down its connections while another still
     uses them can abort the other (gloo)."""
-    if world.size > 1 and torch_dist.is_initialized():
+    if world.launched and torch_dist.is_initialized():
         import gc
         gc.collect()  # sharded modules and their pending work go while the group still exists (reference cycles)
         torch_dist.barrier()
@@ -189,7 +190,7 @@ def refresh_copy(copy: torch.nn.Module, model: torch.nn.Module) -> None:
 
 def full_state_dict(model: torch.nn.Module, world: World) -> dict | None:
     """The whole model's state dict on rank 0 (on CPU), None elsewhere; a collective: every rank calls it."""
-    if world.size == 1:
+    if not world.launched:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -36,6 +36,8 @@ class EchoConfig:
     min_steps: int = 1                       # responses with fewer steps give no clip
     max_clip_tokens: int = 0                 # 0 = no bound
     keep_dropped_groups: bool = True         # DAPO: groups dropped by dynamic sampling still feed clips
+    normalizer: Literal["clip_tokens", "policy"] = "clip_tokens"  # L_echo: mean over clip tokens, or the policy
+                                             # loss's own aggregation and normalisers (the paper is silent)
 
 
 def select_clips(correct: torch.Tensor, group: torch.Tensor, response_mask: torch.Tensor,
@@ -112,9 +114,34 @@ def _stats(clip, chosen, valid, all_success, g, n_groups, k, n_steps, step_h, en
             "echo/peak_step": float(kk.mean()),
             "echo/peak_pos": float(((kk + 1) / ns).mean()),              # 1.0 = the last step
             "echo/peak_step_entropy": float(step_h[chosen].gather(1, k[chosen, None]).mean()),
+            "echo/mean_step_entropy": float(_mean_step(step_h[chosen]).mean()),
             "echo/response_entropy": float(((ent * vf).sum(-1) / vf.sum(-1).clamp_min(1)).mean()),
         })
     return out
+
+
+def _mean_step(step_h: torch.Tensor) -> torch.Tensor:
+    """[n, S] step values (-inf: no such step) -> [n] mean over each row's steps."""
+    real = step_h > float("-inf")
+    return step_h.masked_fill(~real, 0.0).sum(-1) / real.sum(-1).clamp_min(1)
+
+
+def peak_tokens(clip_mask: torch.Tensor, sids: torch.Tensor) -> torch.Tensor:
+    """[B, R] bool: the tokens of each EchoClip's last step (the peak step k* when select = peak)."""
+    clip = clip_mask > 0
+    last = sids.masked_fill(~clip, -1).amax(-1)                                    # [B], -1: no clip
+    return clip & (sids == last[:, None])
+
+
+def peak_entropy_change(before: torch.Tensor, after: torch.Tensor, peak: torch.Tensor) -> float:
+    """Mean over clips of the change of the peak step's mean token entropy, after minus before the
+    update (entropies [B, R] of the same tokens): < 0 means EchoRL sharpened the decision it targets."""
+    rows = peak.any(-1)
+    if not rows.any():
+        return 0.0
+    n = peak[rows].sum(-1)
+    mean = lambda h: (h[rows] * peak[rows]).sum(-1) / n
+    return float((mean(after) - mean(before)).mean())
 
 
 def echo_loss(logprobs: torch.Tensor, clip_mask: torch.Tensor, coef: float,

@@ -55,12 +55,19 @@ def adv_rloo(rewards, group, eps: float = 1e-6, total=None):
 
 
 def adv_reinforce_pp_baseline(rewards, group, eps: float = 1e-6, total=None):
-    """REINFORCE++ (baseline): r - mean_g, then whitened over the batch.
+    """REINFORCE++ (baseline), sequence-level: c_i = r_i - mean_g, then A_i = c_i / (std(c) + eps), the
+    unbiased std over the batch's sequences, with no mean subtracted (every group's centred rewards sum
+    to 0, so their sequence mean is 0 already). A group of equal rewards, or of one response, keeps
+    exactly 0.
 
-    With equal group sizes the batch mean of group-centred rewards is exactly 0, so whitening
-    reduces to dividing by the batch std; we skip the mean so zero-std groups stay exactly 0.
-    `total` sums a tensor over every process that holds part of the batch (None: this process holds
-    all of it); the std is then the batch's, whatever the number of processes.
+    verl (core_algos.compute_reinforce_plus_plus_baseline_outcome_advantage + masked_whiten) and
+    OpenRLHF whiten the same c_i token by token instead: mean and variance weighted by response
+    length, the mean subtracted. Where length correlates with the centred reward that mean is not 0,
+    and every token of an all-correct group gets the advantage -mean/std: a gradient on a degenerate
+    group, the thing EchoRL's premise rests on not happening. Two groups of two, rewards (1, 0) with
+    lengths (1, 3) and (1, 1) with lengths (2, 2): ours (1.22, -1.22, 0, 0); verl (1.77, -1.06,
+    0.35, 0.35). `total` sums a tensor over every process that holds part of the batch (None: this
+    process holds all of it); the std is then the batch's, whatever the number of processes.
     """
     a = adv_drgrpo(rewards, group)
     if total is None:

@@ -38,7 +38,7 @@ def resolve_device(name: str, world=None) -> torch.device:
     """train.device as a torch device (auto: cuda if visible; under torchrun each rank its local GPU)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and world is not None and world.size > 1:
+    if name == "cuda" and world is not None and world.launched:
         name = f"cuda:{world.local_rank}"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -273,6 +273,48 @@ def plot_study(panels: dict[str, dict[str, list[list[dict]]]], acc_key: str, pat
     fig.savefig(path, dpi=110)
 
 
+PREMISE_ROWS = [  # (metric keys drawn for the EchoRL-on runs, y label)
+    (("echo/peak_step_entropy", "echo/mean_step_entropy"), "EchoClip step entropy (nats)\n— peak step, -- all steps"),
+    (("echo/clip_nll",), "clip NLL (nats / token)"),
+    (("probe/echo_over_policy",), "|grad L_echo| / |grad L_policy|"),
+]
+
+
+def plot_premise(panels: dict[str, dict[str, list[list[dict]]]], acc_key: str, path, smooth: int = 5) -> None:
+    """EchoRL's premise over training next to accuracy: one column per task ({task: {"EchoRL off":
+    [rows of each seed], "EchoRL on": [...]}}); top: held-out accuracy (mean over seeds ± std);
+    below, for the EchoRL runs: the EchoClips' peak-step and mean step entropy, their NLL under the
+    policy, and the norm of EchoRL's gradient relative to the policy loss's (moving average over
+    `smooth` logged points)."""
+    fig = _figure(figsize=(5.2 * len(panels) + 0.5, 10))
+    axes = fig.subplots(1 + len(PREMISE_ROWS), len(panels), sharex=True, squeeze=False)
+    for j, (task, runs) in enumerate(panels.items()):
+        top = axes[0, j]
+        for i, (label, seeds) in enumerate(runs.items()):
+            x, m, sd = _seed_mean(seeds, acc_key)
+            top.plot(x, m, "-o", color=f"C{i}", ms=4, lw=1.4, label=label)
+            top.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], color=f"C{i}",
+                             alpha=0.15)
+        top.set_title(task, fontsize=10)
+        top.legend(fontsize=8, loc="lower right")
+        on = runs.get("EchoRL on", [])
+        for r, (keys, ylabel) in enumerate(PREMISE_ROWS, start=1):
+            ax = axes[r, j]
+            for key, ls in zip(keys, ("-", "--")):
+                x, m, _ = _seed_mean(on, key)
+                if x:
+                    ax.plot(x, _smooth(m, smooth), ls, color="C1", lw=1.4)
+            if "entropy" in keys[0]:
+                ax.axhline(0.3, color="0.5", lw=0.8, ls=":")
+            ax.set_ylabel(ylabel if j == 0 else "", fontsize=8)
+        for ax in axes[:, j]:
+            ax.grid(alpha=0.3)
+        axes[-1, j].set_xlabel("training step")
+    axes[0, 0].set_ylabel(f"held-out accuracy ({acc_key.split('/')[1]}, avg@n)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def pick_rollout(run_dir, step: int | None = None, row: int | None = None) -> tuple[int, int, dict]:
     """(step, row, rollout) to profile; default: from the latest step that has EchoClips, the clipped
     rollout that shows the selection best: the most steps (at least 3 if any has them), then the

@@ -62,16 +62,17 @@ def save_checkpoint(out: Path, step: int, run, keep: int) -> Path:
             ckdir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         world.barrier()
-        full = dist.full_state_dict(run.model, world) if world.size > 1 else None
-        state = {"step": step, "scheduler": run.sched.state_dict(), "world_size": world.size}
-        if world.size == 1:
+        full = dist.full_state_dict(run.model, world) if world.launched else None
+        state = {"step": step, "scheduler": run.sched.state_dict(), "world_size": world.size,
+                 "torchrun": world.launched}
+        if not world.launched:
             state.update(optimizer=run.opt.state_dict(), stream=run.stream.state_dict(), rng=rng_state(),
                          echo_rng=run.gen.get_state())
         if world.main:
             run.model.save_pretrained(tmp, safe_serialization=True, state_dict=full)
             run.tok.save_pretrained(tmp)
             torch.save(state, tmp / "state.pt")
-        if world.size > 1:
+        if world.launched:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict
             model_sd, opt_sd = get_state_dict(run.model, run.opt)
@@ -112,14 +113,14 @@ def load_checkpoint(ckpt: Path, run) -> int:
     model); returns the step. A checkpoint resumes only with the number of processes that wrote it."""
     world = run.world
     st = torch.load(ckpt / "state.pt", weights_only=False)
-    saved = st.get("world_size", 1)
-    if saved != world.size:
-        raise CheckpointError(f"{ckpt} was written by {saved} process{'es' * (saved > 1)} and this run has "
-                              f"{world.size}: resume with the same number (torchrun --nproc_per_node {saved}"
-                              f"{' (or plain python)' if saved == 1 else ''}); each rank's data stream and RNG "
-                              f"state belong to it")
+    saved, sharded = st.get("world_size", 1), st.get("torchrun", False)
+    if (saved, sharded) != (world.size, world.launched):
+        how = lambda n, t: f"torchrun --nproc_per_node {n}" if t else "one process (plain python)"
+        raise CheckpointError(f"{ckpt} was written by {how(saved, sharded)} and this run is "
+                              f"{how(world.size, world.launched)}:"
+                              f" resume it the way it was written; each rank's data stream and RNG state belong to it")
     run.sched.load_state_dict(st["scheduler"])
-    if world.size == 1:
+    if not world.launched:
         run.opt.load_state_dict(st["optimizer"])
         run.stream.load_state_dict(st["stream"])
         set_rng_state(st["rng"])
@@ -252,7 +253,7 @@ def summary(cfg, rows: list[dict], wall: float, out: Path, command: str) -> None
     evals = [h for h in rows if any(k.startswith("eval/") for k in h)]
     lines = [f"done: {cfg.train.steps} steps of {cfg.algo.name}{' + EchoRL' if cfg.echo.enabled else ''} "
              f"in {wall / 60:.1f} min"]
-    for key in sorted({k for h in evals for k in h if k.startswith("eval/")}):
+    for key in sorted({k for h in evals for k in h if k.startswith("eval/") and k.endswith("/acc")}):
         pts = [(h["step"], h[key]) for h in evals if key in h]
         lines.append(f"held-out {key.split('/')[1]} accuracy: " + " -> ".join(f"{v:.3f} (step {s})" for s, v in
                                                                               [pts[0], pts[-1]][:len(pts)]))

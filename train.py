@@ -37,7 +37,7 @@ import reward
 from config import Config, ConfigError, load_config, to_dict
 from data import DataError
 from dist import World
-from echorl import echo_loss, select_clips
+from echorl import echo_loss, peak_entropy_change, peak_tokens, select_clips
 from entropy import delimiter_table, response_logprobs, step_ids
 from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss, tis_weights
 from models import count_parameters, load_policy, model_source, resolve_device, rollout_dtype
@@ -279,6 +279,9 @@ def echo_clips(batch: Rollout, cfg: Config, delims: dict, eos: list[int], gen: t
     batch.extras["step_ids"] = sids
     batch.clip_mask, stats = select_clips(batch.correct, batch.group, batch.response_mask, batch.entropies, sids,
                                           cfg.echo, generator=gen)
+    n = batch.clip_mask.sum()
+    if n > 0:  # how much there is to learn: the old policy's NLL of the clip tokens
+        stats["echo/clip_nll"] = float(-(batch.old_logprobs * batch.clip_mask).sum() / n)
     return stats
 
 
@@ -309,10 +312,19 @@ def microbatch_loss(logp: torch.Tensor, ent: torch.Tensor, mb: Rollout, norm: No
         loss = loss - a.entropy_coef * bonus
         stats["entropy_bonus"] = bonus.detach()
     if cfg.echo.enabled and mb.clip_mask is not None and n_clip > 0:
-        le = echo_loss(logp, mb.clip_mask, cfg.echo.coef, n_clip)
+        le = echo_term(logp, mb, norm, n_clip, cfg)
         loss = loss + le
         stats["loss_echo"] = le.detach()
     return loss, stats
+
+
+def echo_term(logp: torch.Tensor, mb: Rollout, norm: Norm, n_clip: float, cfg: Config) -> torch.Tensor:
+    """EchoRL's clip-SFT loss of a micro-batch: -coef x the mean log-prob over the mini-batch's clip
+    tokens (method.md section 3), or with echo.normalizer "policy", the clip tokens' log-probs under the
+    policy loss's own aggregation and normalisers."""
+    if cfg.echo.normalizer == "policy":
+        return -cfg.echo.coef * aggregate(logp, mb.clip_mask, cfg.algo.aggregation, norm)
+    return echo_loss(logp, mb.clip_mask, cfg.echo.coef, n_clip)
 
 
 def accumulate_gradients(model, batch: Rollout, micro: list[torch.Tensor | None], cfg: Config,
@@ -342,7 +354,7 @@ def accumulate_gradients(model, batch: Rollout, micro: list[torch.Tensor | None]
             (logp.sum() * 0.0).backward()
             continue
         loss, stats = microbatch_loss(logp, ent, mb, norm, n_clip, cfg)
-        if world.size == 1 and not torch.isfinite(loss):  # under torchrun the global grad norm catches it
+        if not world.launched and not torch.isfinite(loss):  # under torchrun the global grad norm catches it
             raise NonFiniteError(f"non-finite loss ({float(loss.detach())}; policy part {float(stats['loss_pg'])})")
         loss.backward()
         for k, v in stats.items():
@@ -400,8 +412,16 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
     if run.cfg.echo.enabled:
         with timer(times, "echo_select"):
             stats.update(echo_clips(batch, run.cfg, run.delims, run.eos, run.gen))
+    probe = run.cfg.log.probe_every and run.cfg.echo.enabled and not run.world.launched and \
+        (run.step + 1) % run.cfg.log.probe_every == 0 and batch.clip_mask.sum() > 0
+    if probe:
+        with timer(times, "probe"):
+            stats.update(probe_gradients(run, batch))
     with timer(times, "update"):
         stats.update(update(run, batch))
+    if probe:
+        with timer(times, "probe"):
+            stats.update(probe_sharpening(run, batch))
     run.step += 1
     stats.update(batch_stats(batch))
     if "rollout/tokens" in stats:
@@ -411,6 +431,48 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
     if cuda:
         stats["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     return dist.reduce_metrics(stats, run.world), batch
+
+
+def probe_gradients(run: Run, batch: Rollout) -> dict:
+    """The share of the update EchoRL drives: on the update's first micro-batch (normalised as in the
+    update), the norm of the echo loss's gradient over the policy loss's. One more forward and two
+    backwards, about 1.5 micro-batch updates, on the steps log.probe_every names (one process only)."""
+    cfg, model, a = run.cfg, run.model, run.cfg.algo
+    micro = update_slices(batch.in_policy, cfg)[0]
+    rows = torch.cat(micro)
+    norm = Norm.of(batch.policy_mask[rows], cfg.rollout.max_new_tokens)
+    mb = batch.select(micro[0])
+    model.train()
+    with autocast(cfg, model):
+        logp, _ = response_logprobs(model, mb, temperature=cfg.rollout.temperature, chunk_size=cfg.train.logprob_chunk)
+    pg, _ = policy_loss(logp, mb.old_logprobs, mb.advantages, mb.policy_mask, policy_loss=a.policy_loss,
+                        aggregation=a.aggregation, eps_low=a.eps_low, eps_high=a.eps_high, norm=norm,
+                        dual_clip=a.dual_clip)
+    echo = echo_term(logp, mb, norm, float(batch.clip_mask[rows].sum()), cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad_norm(loss: torch.Tensor) -> float:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+    g_pg, g_echo = grad_norm(pg), grad_norm(echo)
+    return {"probe/grad_norm_policy": g_pg, "probe/grad_norm_echo": g_echo,
+            "probe/echo_over_policy": g_echo / g_pg if g_pg > 0 else float(g_echo > 0) * float("inf")}
+
+
+@torch.no_grad()
+def probe_sharpening(run: Run, batch: Rollout) -> dict:
+    """After the update: the change of the mean token entropy of each EchoClip's peak step (the
+    decision EchoRL targets), from the old policy to the updated one. One no-grad forward of the
+    clipped rows."""
+    cfg = run.cfg
+    rows = torch.nonzero(batch.clip_mask.sum(-1) > 0).squeeze(-1)
+    mb = batch.select(rows)
+    run.model.eval()
+    with autocast(cfg, run.model):
+        _, after = response_logprobs(run.model, mb, temperature=cfg.rollout.temperature,
+                                     chunk_size=cfg.train.logprob_chunk, with_entropy=True)
+    peak = peak_tokens(mb.clip_mask, mb.extras["step_ids"])
+    return {"probe/peak_entropy_change": peak_entropy_change(mb.entropies, after, peak)}
 
 
 def batch_stats(batch: Rollout) -> dict:
@@ -484,11 +546,11 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device, world)
     stream = train_stream(cfg)
-    if world.size > 1:
+    if world.launched:
         stream = dist.RankShare(stream, world)
     base = world.on_main(model_source, cfg)  # rank 0 builds the tiny warm start (or checks the hub) once
     sampling = rollout_dtype(cfg)
-    copy_bytes = torch.finfo(sampling).bits // 8 if world.size > 1 or sampling != getattr(torch, cfg.model.dtype) else 0
+    copy_bytes = torch.finfo(sampling).bits // 8 if world.launched or sampling != getattr(torch, cfg.model.dtype) else 0
     dist.check_fits(count_parameters(base, cfg), world, device, copy_bytes)
     model, tok = load_policy(str(checkpoint) if checkpoint else base, cfg, device)
     ref_model = None
@@ -496,8 +558,8 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
         ref_model = load_policy(base, cfg, device)[0].requires_grad_(False).eval()
     sampler = None
     if copy_bytes:  # the weights rollouts sample from, when they are not the policy itself
-        sampler = sampling_copy(model, sampling, always=world.size > 1)
-    if world.size > 1:
+        sampler = sampling_copy(model, sampling, always=world.launched)
+    if world.launched:
         compute = getattr(torch, cfg.model.autocast) if cfg.model.autocast != "none" else None
         model = dist.shard(model, compute)
         if ref_model is not None:
@@ -523,7 +585,7 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
 
 def refresh_sampler(run: Run) -> None:
     """After an optimizer step: the sampling weights take the policy's new values."""
-    if run.world.size > 1:
+    if run.world.launched:
         dist.refresh_copy(run.sampler, run.model)
     else:
         refresh_sampling_copy(run.sampler, run.model)
@@ -585,11 +647,15 @@ def run_eval(run: Run, problems: dict, progress: bool = True) -> dict:
                            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                            template=cfg.data.template, system_prompt=cfg.data.system_prompt,
                            batch_size=cfg.eval.batch_size, progress=progress and world.main,
-                           desc=f"eval {name}", leave=False, sampler=run.engine, seed=cfg.train.seed)
+                           desc=f"eval {name}", leave=False, sampler=run.engine, seed=cfg.train.seed,
+                           ks=(cfg.eval.n if cfg.eval.temperature > 0 else 1,))
         n = res["n"]
-        correct, samples = world.sum(torch.tensor([res["avg@n"] * len(mine) * n, len(mine) * n],
-                                                  dtype=torch.float64, device=world.device)).tolist()
-        out[f"eval/{name}/acc"] = correct / samples
+        correct, passed, samples = world.sum(torch.tensor(
+            [res["avg@n"] * len(mine) * n, res.get(f"pass@{n}", 0.0) * len(mine), len(mine) * n],
+            dtype=torch.float64, device=world.device)).tolist()
+        out[f"eval/{name}/acc"] = correct / samples               # avg@n
+        if n > 1:                                                 # pass@n: a correct answer among the n samples
+            out[f"eval/{name}/pass@{n}"] = passed / (samples / n)
     return out
 
 
@@ -674,7 +740,7 @@ def _train(cfg, world, resume, overwrite, allow_changes, reward_fn, command, t_s
                 history.append({"step": s, **metrics})
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward']:.3f}", degen=f"{metrics['frac_degenerate']:.2f}",
-                                **{k.split("/")[1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("eval/")})
+                                **{k.split("/")[1]: f"{v:.3f}" for k, v in metrics.items() if k.endswith("/acc")})
                 if (cfg.train.save_every and s % cfg.train.save_every == 0) or s == cfg.train.steps or stop.requested:
                     save_checkpoint(out, s, run, cfg.train.keep_checkpoints)
                     saved_step = s
@@ -699,7 +765,7 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # HF's "loading/writing shards" bars would break the run's bar
     command = f"train.py --config {args.config}" + "".join(f" --set {o}" for o in args.overrides)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun
         command = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])} {command}"
     main_rank = int(os.environ.get("RANK", 0)) == 0
     try:

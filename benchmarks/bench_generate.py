@@ -137,11 +137,12 @@ def measure(call, warm, device: str, repeats: int) -> dict:
 def tiny_variant(spec: dict) -> dict:
     """One (workload, engine, rows at once, compile) cell, in its own process."""
     import train
+    from models import load_policy
     from rollout import eos_ids, render_prompts
     from sampler import Sampler
     torch.set_num_threads(spec["threads"])
     cfg = tiny_config()
-    model, tok = train.load_model(spec["model"], cfg, "cpu")
+    model, tok = load_policy(spec["model"], cfg, torch.device("cpu"))
     model.eval()
     problems = train.train_stream(cfg).next(cfg.rollout.prompts_per_step)
     prompts = render_prompts([p.question for p in problems], tok, cfg.data.template, cfg.data.system_prompt)

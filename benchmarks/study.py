@@ -1,20 +1,30 @@
-"""Does EchoRL help, with which methods, at what cost? A miniature of the paper's study.
+"""Does EchoRL help, with which methods, where its premise holds? A miniature of the paper's study.
 
-    python benchmarks/study.py --config configs/tiny.yaml --seeds 3
+    python benchmarks/study.py --seeds 5
 
-Runs GRPO, DAPO, Dr.GRPO and GSPO with EchoRL off and on, from the same warm-started model,
-with the same seeds and step budget; then the ablations on GRPO + EchoRL: selection (peak vs
-random_step vs full), coef (0.001 / 0.01 / 0.1) and delimiter (newline vs sentence).
+Two embedded tasks (tiny.py), each from its own cached warm start:
+  arith  the default task: one equation per line; in its all-correct groups the clip tokens are
+         near-certain, so EchoRL has almost nothing to learn there (the premise fails);
+  piles  several sentences per line, and decision steps where the warm start spreads real
+         probability over several continuations in correct answers (the premise holds).
+On both: GRPO, DAPO, Dr.GRPO and GSPO with EchoRL off and on. On piles, ablations of GRPO + EchoRL:
+the clip's end (select: peak / random_step / full / lowest_entropy), the coefficient (0.001, 0.01,
+0.1, 1.0), the step delimiter (newline / sentence) and the normaliser of L_echo (mean over clip
+tokens / the policy loss's own aggregation).
 
-The study budget (STUDY below) is applied on top of the config, then every `--set`: an easier
-task than the embedded default (problems of 1-2 operations, a longer warm start: 1000 SFT steps),
-so that more than half of the groups are degenerate within the budget, the regime EchoRL is for;
-16 prompts x 8 samples, 32 steps; held-out accuracy on 200 problems (avg@4) at steps 16 and 32.
-The step-0 accuracy is the warm start's, measured once per seed.
+Every run of a seed starts from the same warm start and draws the same prompts; the warm start's
+held-out accuracy is measured once per task and seed. Held-out accuracy is avg@8 on 200 problems at
+the rollout temperature, with pass@8 beside it (supervised learning on the model's own answers can
+trade diversity for accuracy). Differences are paired by seed: the mean difference with its 95%
+interval (Student's t over seeds); an effect is named only when the interval excludes 0.
 
-Writes OUT/results.md (the table), OUT/results.json, OUT/curves.png, OUT/curves_ablations.png
-and one run folder per run. Runs that finished with the same config are reused, so an interrupted
-study continues where it stopped; the wall time reported is the sum of the runs' own wall times.
+Before the runs, the premise is checked on piles: at the start of RL, the mean peak-step entropy of
+the EchoClips of all-correct groups must be >= 0.3 nats (printed with the echo/policy gradient-norm
+ratio that the probe measures; log.probe_every).
+
+Writes OUT/results.md (tables), OUT/results.json, OUT/curves_<task>.png (accuracy, degenerate groups),
+OUT/premise.png (the premise metrics over training next to accuracy), one folder per run. Finished
+runs with the same config are reused: an interrupted study continues where it stopped.
 """
 from __future__ import annotations
 
@@ -29,40 +39,57 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import tiny  # noqa: E402
 import models  # noqa: E402
+import tiny  # noqa: E402
 import train  # noqa: E402
 from config import load_config, to_dict  # noqa: E402
 from _common import cpu_model  # noqa: E402
 
-STUDY = ["tiny.max_ops=2", "tiny.sft_steps=1000", "rollout.prompts_per_step=16", "train.steps=32",
-         "eval.every=16", "eval.limit=200", "eval.n=4"]
+# The budget of every run, then each task's settings (task, warm start) on top.
+BUDGET = ["rollout.prompts_per_step=16", "train.steps=32", "eval.every=32", "eval.limit=200", "eval.n=8",
+          "train.save_every=0", "log.log_rollouts_every=0"]
+TASKS = {
+    "arith": ["tiny.task=arith", "tiny.max_ops=2", "tiny.sft_steps=1000"],
+    "piles": ["tiny.task=piles"],
+}
 METHODS = ["grpo", "dapo", "drgrpo", "gspo"]
 TITLES = {"grpo": "GRPO", "dapo": "DAPO", "drgrpo": "Dr.GRPO", "gspo": "GSPO"}
-ABLATIONS = {  # name -> overrides, all on GRPO + EchoRL (defaults: select=peak, coef=0.001, newline)
+ABLATIONS = {  # on piles, all GRPO + EchoRL (defaults: select=peak, coef=0.001, newline, clip_tokens)
     "select=random_step": ["echo.select=random_step"],
     "select=full": ["echo.select=full"],
+    "select=lowest_entropy": ["echo.select=lowest_entropy"],
     "coef=0.01": ["echo.coef=0.01"],
     "coef=0.1": ["echo.coef=0.1"],
+    "coef=1.0": ["echo.coef=1.0"],
     "delimiter=sentence": ["echo.delimiter=sentence"],
+    "normalizer=policy": ["echo.normalizer=policy"],
 }
+PROBE = ["log.probe_every=8"]   # EchoRL runs: the gradient share and the peak step's sharpening
+PREMISE = 0.3                   # nats: mean peak-step entropy of the clips at the start of RL
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def plan(ablations: bool) -> dict[str, list[str]]:
+def plan(ablations: bool = True) -> dict[str, list[str]]:
+    """Run name -> overrides, for every task."""
     runs = {}
-    for m in METHODS:
-        runs[m] = [f"algo.name={m}", "echo.enabled=false"]
-        runs[f"{m}+echo"] = [f"algo.name={m}", "echo.enabled=true"]
+    for task in TASKS:
+        for m in METHODS:
+            runs[f"{task}/{m}"] = [f"algo.name={m}", "echo.enabled=false"]
+            runs[f"{task}/{m}+echo"] = [f"algo.name={m}", "echo.enabled=true", *PROBE]
     if ablations:
         for name, ov in ABLATIONS.items():
-            runs[f"grpo+echo {name}"] = ["algo.name=grpo", "echo.enabled=true", *ov]
+            runs[f"piles/grpo+echo {name}"] = ["algo.name=grpo", "echo.enabled=true", *PROBE, *ov]
     return runs
 
 
+def task_of(name: str) -> str:
+    return name.split("/")[0]
+
+
 def run_one(config: str, overrides: list[str], out: Path) -> tuple[list[dict], float]:
-    """Train one run into `out`, or reuse it if it finished with the same config; returns its
-    metrics rows and wall seconds."""
-    cfg = load_config(config, overrides + [f"train.out_dir={out}", "train.save_every=0", "log.log_rollouts_every=0"])
+    """Train one run into `out`, or reuse it if it finished with the same config; its metrics rows
+    and wall seconds."""
+    cfg = load_config(config, overrides + [f"train.out_dir={out}"])
     metrics, wall_file, saved = out / "metrics.jsonl", out / "wall_s", out / "config.json"
     if metrics.exists() and wall_file.exists() and saved.exists() \
             and json.loads(saved.read_text()) == json.loads(json.dumps(to_dict(cfg))):
@@ -77,139 +104,194 @@ def run_one(config: str, overrides: list[str], out: Path) -> tuple[list[dict], f
     return [json.loads(l) for l in metrics.read_text().splitlines() if l], wall
 
 
-def acc_at(rows: list[dict], key: str, t: float | None) -> float:
-    """Held-out accuracy after `t` seconds of training (sum of time/step), linearly interpolated
-    between the evaluations around it; t=None: the last evaluation."""
-    pts, clock = [], 0.0
-    for r in rows:
-        clock += r.get("time/step", 0.0)
-        if key in r:
-            pts.append((clock, r[key]))
-    if t is None or t >= pts[-1][0]:
-        return pts[-1][1]
-    for (t0, a0), (t1, a1) in zip(pts, pts[1:]):
-        if t <= t1:
-            return a0 + (a1 - a0) * (t - t0) / (t1 - t0) if t1 > t0 else a1
-    return pts[-1][1]
+def start_eval(config: str, overrides: list[str], out: Path) -> tuple[dict, float]:
+    """The warm start's held-out metrics for one (task, seed), measured once (cached in out/start.json):
+    the same evaluation, keyed on the same seed, as the runs' step 0 would be."""
+    cfg = load_config(config, overrides + [f"train.out_dir={out}"])
+    path = out / "start.json"
+    key = json.loads(json.dumps(to_dict(cfg)))
+    if path.exists() and json.loads(path.read_text())["config"] == key:
+        saved = json.loads(path.read_text())
+        return saved["metrics"], saved["wall_s"]
+    t0 = time.perf_counter()
+    run = train.setup(cfg)
+    metrics = train.run_eval(run, train.eval_problems(cfg))
+    wall = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": key, "metrics": metrics, "wall_s": wall}))
+    return metrics, wall
 
 
-def summarize(rows: list[dict], key: str, t_equal: float | None) -> dict:
+def mean_of(rows: list[dict], key: str, part: slice = slice(None)) -> float | None:
+    vals = [r[key] for r in rows[part] if key in r and math.isfinite(r[key])]
+    return statistics.mean(vals) if vals else None
+
+
+def summarize(start: dict, rows: list[dict], task_key: str) -> dict:
+    """One run: held-out avg@8 and pass@8 before and after, the state of its groups over the last 25%
+    of steps, EchoRL's clips and loss, the premise metrics (first and last 25% of steps), time."""
     steps = [r for r in rows if r["step"] > 0]
-    tail = steps[-max(1, len(steps) // 4):]
-    return {"acc_start": next(r[key] for r in rows if key in r), "acc_end": acc_at(rows, key, None),
-            "acc_equal_time": acc_at(rows, key, t_equal),
-            "frac_degenerate_end": statistics.mean(r["frac_degenerate"] for r in tail),
-            "frac_all_success_end": statistics.mean(r["frac_all_success"] for r in tail),
-            "clips_per_step": statistics.mean(r.get("echo/n_clips", 0.0) for r in steps),
-            "loss_echo": statistics.mean(r.get("loss_echo", 0.0) for r in steps),
-            "sec_per_step": statistics.mean(r["time/step"] for r in steps),
-            "train_s": sum(r["time/step"] for r in steps)}
+    q = max(1, len(steps) // 4)
+    last = next(r for r in reversed(rows) if f"eval/{task_key}/acc" in r)
+    return {
+        "acc_start": start[f"eval/{task_key}/acc"], "pass_start": start.get(f"eval/{task_key}/pass@8"),
+        "acc_end": last[f"eval/{task_key}/acc"], "pass_end": last.get(f"eval/{task_key}/pass@8"),
+        "frac_degenerate_end": mean_of(steps, "frac_degenerate", slice(-q, None)),
+        "frac_all_success_end": mean_of(steps, "frac_all_success", slice(-q, None)),
+        "clips_per_step": statistics.mean(r.get("echo/n_clips", 0.0) for r in steps),
+        "loss_echo": statistics.mean(r.get("loss_echo", 0.0) for r in steps),
+        "peak_entropy_start": mean_of(steps, "echo/peak_step_entropy", slice(0, q)),
+        "peak_entropy_end": mean_of(steps, "echo/peak_step_entropy", slice(-q, None)),
+        "step_entropy_start": mean_of(steps, "echo/mean_step_entropy", slice(0, q)),
+        "clip_nll_start": mean_of(steps, "echo/clip_nll", slice(0, q)),
+        "clip_nll_end": mean_of(steps, "echo/clip_nll", slice(-q, None)),
+        "echo_over_policy": mean_of(steps, "probe/echo_over_policy"),
+        "peak_entropy_change": mean_of(steps, "probe/peak_entropy_change"),
+        "sec_per_step": statistics.mean(r["time/step"] for r in steps),
+    }
 
 
-def mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
-
-
-def verdict(deltas: list[float]) -> str:
-    """Mean paired difference over seeds and what it says: 'helps' only when the mean gain is more
-    than twice its standard error; otherwise EchoRL does not help (worse, or within seed noise)."""
+def interval(deltas: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% interval (Student's t over the paired seeds)."""
     m = statistics.mean(deltas)
-    if all(abs(d) < 1e-9 for d in deltas):
-        return f"{m:+.3f} (does not help: identical accuracy)"
     if len(deltas) < 2:
-        return f"{m:+.3f} ({'helps' if m > 0 else 'does not help'}, 1 seed)"
-    se = statistics.stdev(deltas) / math.sqrt(len(deltas))
-    if m > 2 * se and m > 0:
-        return f"{m:+.3f} ± {se:.3f} (helps)"
-    if m < -2 * se and m < 0:
-        return f"{m:+.3f} ± {se:.3f} (does not help: worse)"
-    return f"{m:+.3f} ± {se:.3f} (does not help: within seed noise)"
+        return m, float("inf")
+    return m, T975.get(len(deltas) - 1, 1.96) * statistics.stdev(deltas) / math.sqrt(len(deltas))
 
 
-def table(summ: dict, names: list[str], seeds: int, t_equal: float) -> list[str]:
-    lines = [f"| run | held-out acc (end) | acc at equal training time ({t_equal:.0f} s) | frac_degenerate "
-             "(last 25% of steps) | all-correct groups (last 25%) | clips / step | L_echo / step | s / step "
-             "| Δ end acc vs EchoRL off (± s.e.) | Δ vs grpo+echo |", "|---|---|---|---|---|---|---|---|---|---|"]
+def effect(deltas: list[float], better: str = "helps", worse: str = "hurts") -> str:
+    """'+0.012 [-0.004, +0.028] (no detectable effect)': an effect is named only when the 95% interval
+    excludes 0."""
+    m, h = interval(deltas)
+    if all(d == 0 for d in deltas):
+        return f"{m:+.3f} (identical)"
+    label = better if m - h > 0 else worse if m + h < 0 else "no detectable effect"
+    return f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}] ({label})"
+
+
+def fmt(xs: list[float | None], digits: int = 3) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def table(summ: dict, names: list[str], seeds: int) -> list[str]:
+    """One row per run: means ± std over seeds; Δ paired by seed against EchoRL off (and, for an
+    ablation, against GRPO + EchoRL with the defaults)."""
+    head = ("| run | held-out avg@8 (end) | pass@8 (end) | Δ avg@8 vs EchoRL off [95% CI] | Δ pass@8 vs off | "
+            "Δ avg@8 vs default EchoRL | degenerate groups (last 25%) | clips / step | L_echo / step | "
+            "peak-step entropy at start (nats) | clip NLL at start | echo / policy grad norm | s / step |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for n in names:
         s = [summ[(n, i)] for i in range(seeds)]
-        off = n.split("+")[0]
-        d_off = verdict([a["acc_end"] - summ[(off, i)]["acc_end"] for i, a in enumerate(s)]) if n != off else ""
-        d_abl = ""
-        if " " in n and ("grpo+echo", 0) in summ:
-            d_abl = verdict([a["acc_end"] - summ[("grpo+echo", i)]["acc_end"] for i, a in enumerate(s)])
-            d_abl = d_abl.replace("helps", "better").replace("does not help: worse", "worse") \
-                         .replace("does not help: within seed noise", "within seed noise") \
-                         .replace("does not help: identical accuracy", "identical accuracy")
-        lines.append(f"| {n} | {mean_std([x['acc_end'] for x in s])} | {mean_std([x['acc_equal_time'] for x in s])} "
-                     f"| {mean_std([x['frac_degenerate_end'] for x in s])} "
-                     f"| {mean_std([x['frac_all_success_end'] for x in s])} "
-                     f"| {statistics.mean(x['clips_per_step'] for x in s):.1f} "
-                     f"| {statistics.mean(x['loss_echo'] for x in s):.1e} "
-                     f"| {statistics.mean(x['sec_per_step'] for x in s):.2f} | {d_off} | {d_abl} |")
+        task, rest = n.split("/")
+        off = f"{task}/{rest.split('+')[0]}"
+        d_off = d_pass = d_def = ""
+        if n != off:
+            d_off = effect([a["acc_end"] - summ[(off, i)]["acc_end"] for i, a in enumerate(s)])
+            if s[0]["pass_end"] is not None:
+                d_pass = effect([a["pass_end"] - summ[(off, i)]["pass_end"] for i, a in enumerate(s)])
+        if " " in rest:
+            base = f"{task}/grpo+echo"
+            d_def = effect([a["acc_end"] - summ[(base, i)]["acc_end"] for i, a in enumerate(s)], "better", "worse")
+        lines.append(f"| {n} | {fmt([x['acc_end'] for x in s])} | {fmt([x['pass_end'] for x in s])} | {d_off} | "
+                     f"{d_pass} | {d_def} | {fmt([x['frac_degenerate_end'] for x in s], 2)} | "
+                     f"{statistics.mean(x['clips_per_step'] for x in s):.1f} | "
+                     f"{statistics.mean(x['loss_echo'] for x in s):.1e} | {fmt([x['peak_entropy_start'] for x in s])} | "
+                     f"{fmt([x['clip_nll_start'] for x in s])} | {fmt([x['echo_over_policy'] for x in s], 2)} | "
+                     f"{statistics.mean(x['sec_per_step'] for x in s):.2f} |")
     return lines
+
+
+def premise_check(summ: dict, seeds: int) -> tuple[bool, str]:
+    """Piles, GRPO + EchoRL at the start of RL: the clips' mean peak-step entropy against PREMISE."""
+    s = [summ[("piles/grpo+echo", i)] for i in range(seeds)]
+    peak = statistics.mean(x["peak_entropy_start"] for x in s)
+    ratio = [x["echo_over_policy"] for x in s if x["echo_over_policy"] is not None]
+    ok = peak >= PREMISE
+    text = (f"premise check (piles, GRPO + EchoRL, first 25% of steps): mean peak-step entropy of the EchoClips "
+            f"{peak:.3f} nats ({'>=' if ok else '<'} {PREMISE}: {'PASS' if ok else 'FAIL'}); mean step entropy "
+            f"{statistics.mean(x['step_entropy_start'] for x in s):.3f}; clip NLL "
+            f"{statistics.mean(x['clip_nll_start'] for x in s):.3f} nats/token; echo / policy gradient norm "
+            f"{statistics.mean(ratio) if ratio else float('nan'):.3f} (probe every 8 steps)")
+    return ok, text
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny.yaml")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="applied to every run, after the study budget (e.g. train.steps=20)")
+                    help="applied to every run, after the study budget (e.g. train.steps=16)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = STUDY + args.overrides
-    base = load_config(args.config, common)
-    key = f"eval/{base.eval.benchmarks[0]}/acc"
-    cached = base.model.name_or_path != "tiny" or tiny.cache_path(base.tiny).joinpath("config.json").exists()
-    t0 = time.perf_counter()
-    models.model_source(base)  # build the shared warm start once, before any run
-    warm = "from the cache" if cached else f"built in {(time.perf_counter() - t0) / 60:.1f} min"
+    t_study = time.perf_counter()
     runs = plan(not args.no_ablations)
-    rows, walls = {}, {}
-    n_runs, done = args.seeds * (len(runs) + 1), 0
-    for seed in range(args.seeds):  # the warm start's accuracy: the same model for every run of a seed
-        print(f"[study {done + 1}/{n_runs}] warm start eval, seed {seed}")
-        done += 1
-        start, walls[("start", seed)] = run_one(args.config, common + [f"train.seed={seed}", "train.steps=0",
-                                                "eval.at_start=true"], out / "start" / f"seed{seed}")
-        for name, ov in runs.items():
-            print(f"[study {done + 1}/{n_runs}] {name}, seed {seed}")
-            done += 1
-            r, walls[(name, seed)] = run_one(args.config, common + ov + [f"train.seed={seed}", "eval.at_start=false"],
-                                             out / name.replace(" ", "_") / f"seed{seed}")
-            rows[(name, seed)] = start + r
-    study_s = sum(walls.values())
-    t_equal = min(sum(r.get("time/step", 0.0) for r in v) for v in rows.values())
-    summ = {k: summarize(v, key, t_equal) for k, v in rows.items()}
+    walls, rows, starts = {}, {}, {}
+    for task, task_ov in TASKS.items():
+        common = BUDGET + task_ov + args.overrides
+        base = load_config(args.config, common)
+        cached = (tiny.cache_path(base.tiny) / "config.json").exists()
+        t0 = time.perf_counter()
+        models.model_source(base)  # the task's warm start, built once before its runs
+        built = 0.0 if cached else time.perf_counter() - t0
+        walls[("warm start", task)] = built
+        print(f"[study] {task}: warm start {'from the cache' if cached else f'built in {built / 60:.1f} min'}", flush=True)
     names = list(runs)
-    start_acc = statistics.mean(summ[(names[0], i)]["acc_start"] for i in range(args.seeds))
-    protocol = "greedy" if base.eval.temperature == 0 else f"avg@{base.eval.n} at temperature {base.eval.temperature}"
-    header = (f"Held-out `{base.eval.benchmarks[0]}` accuracy ({base.eval.limit} problems, {protocol}) after "
-              f"{base.train.steps} steps of {base.rollout.prompts_per_step} prompts x {base.rollout.group_size}, "
-              f"mean ± std over {args.seeds} seeds; warm start = {start_acc:.3f}. Equal training time: accuracy "
-              f"interpolated between evaluations at the training time of the fastest run. Δ: paired by seed. "
-              f"Study wall time {study_s / 60:.1f} min ({len(walls)} runs, warm start {warm}) on {cpu_model()}, "
-              f"{base.train.threads or 'default'} threads. "
-              f"Command: `python benchmarks/study.py --config {args.config} --seeds {args.seeds}"
+    todo = len(TASKS) * args.seeds + len(names) * args.seeds
+    done = 0
+    for seed in range(args.seeds):
+        for task, task_ov in TASKS.items():
+            common = BUDGET + task_ov + args.overrides + [f"train.seed={seed}"]
+            done += 1
+            print(f"[study {done}/{todo}] {task}: warm start eval, seed {seed}", flush=True)
+            starts[(task, seed)], walls[("start", task, seed)] = start_eval(args.config, common,
+                                                                             out / task / "start" / f"seed{seed}")
+        for name, ov in runs.items():
+            done += 1
+            print(f"[study {done}/{todo}] {name}, seed {seed}", flush=True)
+            common = BUDGET + TASKS[task_of(name)] + args.overrides + [f"train.seed={seed}", "eval.at_start=false"]
+            rows[(name, seed)], walls[(name, seed)] = run_one(args.config, common + ov,
+                                                              out / name.replace(" ", "_") / f"seed{seed}")
+    summ = {(n, s): summarize(starts[(task_of(n), s)], rows[(n, s)], "tiny") for n, s in rows}
+    ok, premise = premise_check(summ, args.seeds)
+    study_s = sum(walls.values())
+    header = (f"Held-out accuracy on each task's 200 held-out problems (avg@8 and pass@8 at temperature 1) after "
+              f"{load_config(args.config, BUDGET).train.steps} steps of 16 prompts x 8, mean ± std over "
+              f"{args.seeds} seeds; Δ paired by seed, with the 95% interval over seeds (an effect is named only when "
+              f"it excludes 0). Study wall time {study_s / 60:.1f} min (sum of every run's, the warm starts' and "
+              f"the start evaluations'), measured {(time.perf_counter() - t_study) / 60:.1f} min for this call, on "
+              f"{cpu_model()}. Command: `python benchmarks/study.py --config {args.config} --seeds {args.seeds}"
               f"{''.join(' --set ' + o for o in args.overrides)}{' --no-ablations' if args.no_ablations else ''}`.")
-    text = header + "\n\n" + "\n".join(table(summ, names, args.seeds, t_equal)) + "\n"
+    starts_line = "; ".join(f"{task} warm start: avg@8 {fmt([starts[(task, s)]['eval/tiny/acc'] for s in range(args.seeds)])}"
+                            f", pass@8 {fmt([starts[(task, s)].get('eval/tiny/pass@8') for s in range(args.seeds)])}"
+                            for task in TASKS)
+    text = "\n\n".join([header, premise, starts_line] + ["\n".join(table(summ, [n for n in names if task_of(n) == task],
+                                                                          args.seeds)) for task in TASKS]) + "\n"
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"study_wall_s": study_s, "t_equal_s": t_equal,
-                                                  "runs": {f"{k[0]}|seed{k[1]}": v for k, v in summ.items()}},
-                                                 indent=1))
+    (out / "results.json").write_text(json.dumps({"study_wall_s": study_s, "premise_ok": ok, "walls": {
+        " | ".join(map(str, k)): v for k, v in walls.items()}, "runs": {f"{k[0]}|seed{k[1]}": v for k, v in
+                                                                         summ.items()}}, indent=1))
     print(text)
     try:
-        from plots import plot_study
+        from plots import plot_premise, plot_study
         by_name = {n: [rows[(n, i)] for i in range(args.seeds)] for n in names}
-        plot_study({TITLES[m]: {"EchoRL off": by_name[m], "EchoRL on": by_name[f"{m}+echo"]} for m in METHODS},
-                   key, out / "curves.png")
+        for task in TASKS:
+            plot_study({TITLES[m]: {"EchoRL off": by_name[f"{task}/{m}"], "EchoRL on": by_name[f"{task}/{m}+echo"]}
+                        for m in METHODS}, "eval/tiny/acc", out / f"curves_{task}.png")
         if not args.no_ablations:
-            plot_study({"GRPO + EchoRL ablations": {n: by_name[n] for n in names if n.startswith("grpo")}},
-                       key, out / "curves_ablations.png")
-        print(f"plots: {out / 'curves.png'}")
+            plot_study({"piles: GRPO + EchoRL ablations": {n.split(" ", 1)[-1] if " " in n else "defaults": by_name[n]
+                                                           for n in names if n.startswith("piles/grpo+echo")}},
+                       "eval/tiny/acc", out / "curves_ablations.png")
+        plot_premise({task: {"EchoRL off": by_name[f"{task}/grpo"], "EchoRL on": by_name[f"{task}/grpo+echo"]}
+                      for task in TASKS}, "eval/tiny/acc", out / "premise.png")
+        print(f"plots: {out}/*.png")
     except ImportError as e:
         print(f"plots skipped: {e}")
 

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from echorl import EchoConfig, echo_loss, select_clips
+from echorl import EchoConfig, echo_loss, peak_entropy_change, peak_tokens, select_clips
 from losses import ADVANTAGES, PRESETS, Norm, policy_loss
 
 
@@ -184,10 +184,6 @@ LOGP = [[-1.0, -2.0, -3.0, -4.0], [-0.5, -1.5, -2.5, -3.5]]
 CLIP = torch.tensor([[1.0, 1, 0, 0], [1.0, 0, 0, 0]])
 
 
-def test_echo_coef_default_is_the_authors_value():
-    assert EchoConfig().coef == 0.001
-
-
 def test_echo_loss_is_minus_coef_times_mean_clip_logprob_and_its_gradient_lives_on_clip_tokens():
     logp = torch.tensor(LOGP, requires_grad=True)
     loss = echo_loss(logp, CLIP, coef=0.1)
@@ -253,3 +249,30 @@ def test_all_success_batch_has_zero_policy_gradient_but_nonzero_echo_gradient_on
     # -0.001 / 7 clip tokens on each clip token, 0 elsewhere
     assert torch.allclose(logp.grad, clip * (-0.001 / 7))
     assert torch.equal(logp.grad != 0, clip.bool())
+
+
+# ----------------------------------------------------------------------------------------
+# Premise metrics: is there something to learn in the all-correct groups, and does EchoRL learn it?
+
+
+def test_mean_step_entropy_of_the_chosen_rollout_averages_its_steps_not_its_tokens():
+    # PROFILE's steps: means 1, 1.5, 2 (5, 2 and 2 tokens): step average 1.5, token average 13/9
+    _, st = run([True], [0], [PROFILE_MASK], [PROFILE], [PROFILE_SIDS])
+    assert st["echo/mean_step_entropy"] == pytest.approx(1.5)
+    assert st["echo/peak_step_entropy"] == pytest.approx(2.0)
+
+
+def test_peak_tokens_are_the_last_step_inside_each_clip():
+    sids = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, -1], [0, 0, 0, 1, 1, 1]])
+    clip = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]]).float()
+    assert peak_tokens(clip, sids).int().tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0] * 6]
+
+
+def test_peak_entropy_change_averages_each_clips_peak_step_mean():
+    """Row 0: peak tokens 2, 3: mean 1.0 -> 0.4 (-0.6). Row 1: peak token 4: 2.0 -> 2.2 (+0.2).
+    Row 2 has no clip. Mean over clips: -0.2."""
+    peak = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]]).bool()
+    before = torch.tensor([[9.0, 9.0, 1.5, 0.5, 9.0], [9.0, 9.0, 9.0, 9.0, 2.0], [5.0] * 5])
+    after = torch.tensor([[0.0, 0.0, 0.6, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 2.2], [0.0] * 5])
+    assert peak_entropy_change(before, after, peak) == pytest.approx(-0.2)
+    assert peak_entropy_change(before, after, torch.zeros(3, 5, dtype=torch.bool)) == 0.0

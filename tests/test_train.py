@@ -422,3 +422,28 @@ def test_tis_cap_off_ignores_the_samplers_log_probs_and_on_uses_them(model_dir, 
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
     assert same(states[(None, 0.0)], states[(None, 1.0)])
     assert not same(states[(None, 0.0)], states[(2.0, 1.0)])
+
+
+def test_echo_normalizer_policy_divides_by_the_policy_loss_normalisers(model_dir, tmp_path):
+    """clip_tokens: L_echo = -coef * sum(clip log-probs) / clip tokens. policy under token-mean (DAPO):
+    the same sum over the mini-batch's policy tokens instead; the two differ by tokens / clip tokens."""
+    out = {}
+    for normalizer in ("clip_tokens", "policy"):
+        run, batch = prepared_batch(model_dir, tmp_path, "algo.name=dapo", "algo.dynamic_sampling=false",
+                                    "echo.coef=0.5", f"echo.normalizer={normalizer}", rewards=(1,) * 8)
+        out[normalizer] = accumulate(run, batch)["loss_echo"]
+        n_clip, n_tok = float(batch.clip_mask.sum()), float(batch.policy_mask.sum())
+    assert out["clip_tokens"] > 0
+    assert out["policy"] == pytest.approx(out["clip_tokens"] * n_clip / n_tok, rel=1e-5)
+
+
+def test_the_probe_measures_echorls_gradient_share_and_the_peak_steps_sharpening(model_dir, tmp_path):
+    """All groups correct: the policy loss has no gradient and EchoRL drives the whole update; a large echo
+    coefficient lowers the entropy of the peak steps it trains on."""
+    run = train.setup(small_cfg(model_dir, tmp_path, "log.probe_every=1", "echo.coef=1.0", "train.lr=1e-2",
+                                "reward.truncated=score"),
+                      reward_fn=lambda texts, golds: [1.0] * len(texts))
+    stats, _ = train.train_step(run)
+    assert stats["probe/grad_norm_policy"] == 0.0 and stats["probe/grad_norm_echo"] > 0
+    assert stats["probe/echo_over_policy"] == float("inf")
+    assert stats["probe/peak_entropy_change"] < 0 and stats["echo/clip_nll"] > 0
