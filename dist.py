@@ -15,7 +15,9 @@ Under torchrun every process (rank) holds:
     token, and each rank can stop generating when its own rows are done;
   * its own share of the step's prompts, whole groups (`RankShare`), so group advantages stay local.
 Every quantity the loss divides by is summed over ranks (`World.sum`), so N ranks holding B/N rows
-take the same optimizer step as one process holding all B rows (tests/test_dist.py).
+take the same optimizer step as one process holding all B rows (tests/test_dist.py). With
+train.mini_batches = k > 1 each rank splits its own rows into k parts, so mini-batch j holds every
+rank's j-th part: the steps of one process whose rows come in that order.
 """
 from __future__ import annotations
 
@@ -112,6 +114,15 @@ def init(cfg) -> World:
                  device=torch.device("cuda", world.local_rank) if backend == "nccl" else torch.device("cpu"))
 
 
+def abandon(world: World) -> None:
+    """Leave the process group after an error, without the barrier: the other ranks may never reach it."""
+    if world.launched and torch_dist.is_initialized():
+        try:
+            torch_dist.destroy_process_group()
+        except Exception:
+            pass
+
+
 def bytes_per_param(world_size: int, sampling_bytes: int) -> float:
     """Bytes a parameter costs each rank before activations: fp32 weights, gradients and AdamW's two
     moments (16 bytes) sharded over the ranks, plus the full sampling copy (2 in bf16, 0 if none)."""
@@ -176,16 +187,19 @@ def fsdp_modules(model: torch.nn.Module) -> list:
 
 @torch.no_grad()
 def refresh_copy(copy: torch.nn.Module, model: torch.nn.Module) -> None:
-    """Copy the sharded policy's weights into the full sampling copy: each FSDP unit is gathered once
-    (unshard), copied, and sharded again; all ranks do the same collectives in the same order."""
-    mods = fsdp_modules(model)
-    for m in mods:
-        m.unshard()
-    for (name, p), (name2, q) in zip(model.named_parameters(), copy.named_parameters(), strict=True):
-        assert name == name2, (name, name2)
-        q.copy_(p.to_local() if hasattr(p, "to_local") else p)
-    for m in mods:
-        m.reshard()
+    """Copy the sharded policy's weights into the full sampling copy, one FSDP unit at a time: gather
+    the unit (unshard), copy the parameters it owns, shard it again, so only one unit is ever full
+    beside the copy. All ranks run the same collectives in the same order."""
+    prefix = {id(m): name for name, m in model.named_modules()}
+    units = [(m, prefix[id(m)]) for m in fsdp_modules(model)]
+    target = dict(copy.named_parameters())
+    for unit, name in units:
+        inner = [p for _, p in units if p != name and (not name or p.startswith(name + "."))]
+        unit.unshard()
+        for key, param in unit.named_parameters(prefix=name):
+            if not any(key.startswith(p + ".") for p in inner):  # another unit's: copied with that unit
+                target[key].copy_(param)
+        unit.reshard()
 
 
 def full_state_dict(model: torch.nn.Module, world: World) -> dict | None:
@@ -215,30 +229,43 @@ class RankShare:
         self.stream.load_state_dict(s)
 
 
-# How a step's metrics combine over ranks: counts and each rank's share of a global loss add up;
-# times take the slowest rank; everything else (fractions of equal-size shares, norms) is averaged.
-SUMMED = ("loss_pg", "loss_echo", "kl", "entropy_bonus", "clip_frac_low", "clip_frac_high", "echo/n_clips", "rollout/tokens",
-          "echo/success_groups", "batch_rows", "verifier/")
-SLOWEST = ("time/",)
+# How a step's metrics combine over ranks. Counts, and each rank's share of a global loss, add up.
+# Times, memory and maxima take the largest rank's. A mean over a rank's rows, tokens or clips is
+# weighted by that count (ranks hold different numbers of them: DAPO's refill, EchoClips). The rest
+# (fractions of equal shares such as frac_degenerate, the global grad norm, lr) is averaged.
+SUMMED = ("loss_pg", "loss_echo", "kl", "entropy_bonus", "clip_frac_low", "clip_frac_high", "echo/n_clips",
+          "echo/success_groups", "batch_rows", "batch/", "rollout/", "verifier/")
+LARGEST = ("time/", "mem/", "sampler/logprob_max_diff")
+WEIGHTS = {"reward": "batch/policy_rows", "accuracy": "batch/policy_rows", "response_len": "batch/policy_rows",
+           "truncated": "batch/policy_rows", "entropy": "batch/policy_tokens",
+           "sampler/logprob_abs_diff": "batch/policy_tokens", "sampler/kl_k3": "batch/policy_tokens",
+           "echo/clip_group_share": "echo/success_groups"}
+
+
+def weight_of(key: str) -> str | None:
+    if key in WEIGHTS:
+        return WEIGHTS[key]
+    return "echo/n_clips" if key.startswith("echo/") and not key.startswith(SUMMED) else None  # per-clip means
 
 
 def reduce_metrics(metrics: dict, world: World) -> dict:
+    """A step's metrics over every rank (each rank calls it); in one process, the metrics unchanged."""
     if world.size == 1:
         return metrics
-    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
-    present = [k for k in set().union(*world.gather(keys))]
-    present.sort()
+    present = sorted(set().union(*world.gather(sorted(k for k, v in metrics.items() if isinstance(v, (int, float))))))
+    w = [float(metrics.get(weight_of(k), 0.0)) if weight_of(k) else float(k in metrics) for k in present]
     vals = torch.tensor([float(metrics.get(k, 0.0)) for k in present], dtype=torch.float64, device=world.device)
-    has = torch.tensor([float(k in metrics) for k in present], dtype=torch.float64, device=world.device)
-    total, count = world.sum(vals), world.sum(has)
-    slowest = vals.clone()
-    torch_dist.all_reduce(slowest, op=torch_dist.ReduceOp.MAX)
+    weights = torch.tensor(w, dtype=torch.float64, device=world.device) * \
+        torch.tensor([float(k in metrics) for k in present], dtype=torch.float64, device=world.device)
+    total, weighted, weight = world.sum(vals), world.sum(vals * weights), world.sum(weights)
+    largest = vals.clone()
+    torch_dist.all_reduce(largest, op=torch_dist.ReduceOp.MAX)
     out = {}
     for i, k in enumerate(present):
-        if k.startswith(SLOWEST):
-            out[k] = float(slowest[i])
+        if k.startswith(LARGEST):
+            out[k] = float(largest[i])
         elif k.startswith(SUMMED):
             out[k] = float(total[i])
         else:
-            out[k] = float(total[i] / count[i].clamp_min(1))
+            out[k] = float(weighted[i] / weight[i]) if weight[i] > 0 else 0.0
     return out

@@ -30,7 +30,9 @@ class EchoConfig:
     delimiter: Literal["newline", "sentence"] = "newline"
     reduce: Literal["mean", "max", "sum"] = "mean"
     select: Literal["peak", "random_step", "full", "lowest_entropy"] = "peak"
-    scope: Literal["degenerate", "success"] = "degenerate"
+    scope: Literal["degenerate", "success"] = "degenerate"  # degenerate: all-correct groups (by the verifier; DAPO's
+                                             # overlong shaping may leave their rewards unequal); success: every
+                                             # correct rollout of any group
     clips_per_group: Literal["1", "all"] = "1"
     min_step_tokens: int = 4                 # a shorter step merges into the next (entropy.step_ids); 1 = plain split
     min_steps: int = 1                       # responses with fewer steps give no clip

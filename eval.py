@@ -263,11 +263,16 @@ def weights_fingerprint(model: str) -> str:
 
 
 def run_tag(model: str, n: int, temperature: float, top_p: float, max_new_tokens: int,
-            template: str, system_prompt: str | None, seed: int = 0) -> str:
+            template: str, system_prompt: str | None, seed: int = 0, dtype: str = "") -> str:
     """File-name stem naming the model, its weights and every setting that changes the generations."""
-    key = f"{weights_fingerprint(model)}|{system_prompt}|{seed}"
+    key = f"{weights_fingerprint(model)}|{system_prompt}|{seed}|{dtype}"
     return (f"{_slug(model)}__n{n}_t{temperature:g}_p{top_p:g}_len{max_new_tokens}_{template}"
             f"_{hashlib.sha1(key.encode()).hexdigest()[:8]}")
+
+
+def problems_digest(problems: list[Problem]) -> str:
+    """A short hash of the problems themselves: two task settings that reuse ids never share a cache."""
+    return hashlib.sha1("\x00".join(f"{p.id}\x01{p.question}\x01{p.answer}" for p in problems).encode()).hexdigest()[:8]
 
 
 def run_config(model: str):
@@ -362,9 +367,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     benchmarks = [_load(b, cfg, e.limit or None) for b in e.benchmarks]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from models import rollout_dtype
+    dtype = args.dtype or str(rollout_dtype(cfg)).removeprefix("torch.")  # what the run's rollouts sampled in
     tag = run_tag(args.model, n, e.temperature, args.top_p, e.max_new_tokens, cfg.data.template,
-                  cfg.data.system_prompt, cfg.train.seed if args.seed is None else args.seed)
-    dtype = args.dtype or (cfg.model.autocast if cfg.model.autocast != "none" else cfg.model.dtype)
+                  cfg.data.system_prompt, cfg.train.seed if args.seed is None else args.seed, dtype)
 
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
@@ -377,7 +383,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         res = evaluate(model, tokenizer, problems, n=n, temperature=e.temperature, top_p=args.top_p,
                        max_new_tokens=e.max_new_tokens, template=cfg.data.template,
                        system_prompt=cfg.data.system_prompt, batch_size=e.batch_size, ks=ks,
-                       cache_path=out_dir / f"{tag}__{name}.jsonl", desc=name, seed=seed, sampler=engine)
+                       cache_path=out_dir / f"{tag}__{name}-{problems_digest(problems)}.jsonl", desc=name, seed=seed,
+                       sampler=engine)
         records[name] = res.pop("records")
         results[name] = res
 

@@ -25,7 +25,7 @@ def _group_stats(rewards: torch.Tensor, group: torch.Tensor):
     a real policy gradient on a degenerate group (method.md pitfall 5).
     """
     _, inv = torch.unique(group, return_inverse=True)
-    n_groups = int(inv.max()) + 1
+    n_groups = int(inv.max()) + 1 if inv.numel() else 0  # no rows (a rank whose groups all dropped out)
     r = rewards.float()
     zeros = torch.zeros(n_groups, device=r.device)
     size = zeros.index_add(0, inv, torch.ones_like(r))

@@ -14,19 +14,21 @@ from rollout import load_tokenizer
 
 
 def load_model(path_or_id: str, dtype: str = "bfloat16", device: str = "auto", attn_implementation: str = "sdpa",
-               init: str = "pretrained", config_overrides: dict | None = None):
+               init: str = "pretrained", config_overrides: dict | None = None, seed: int = 0):
     """(model, tokenizer) from a local HF folder or a hub id, in eval mode on `device`.
 
-    init="random" builds the architecture of the folder's config.json with random weights (throughput
-    and memory checks need no weights). `config_overrides` are set on the HF config first (e.g.
-    {"num_hidden_layers": 2}). The tokenizer gets a pad token if it has none."""
+    init="random" builds the architecture of the folder's config.json with random weights drawn from
+    `seed` (throughput and memory checks need no weights; the same seed gives the same weights).
+    `config_overrides` are set on the HF config first (e.g. {"num_hidden_layers": 2}). The tokenizer
+    gets a pad token if it has none."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path_or_id)
     conf = AutoConfig.from_pretrained(path_or_id, **(config_overrides or {}))
     if init == "random":
         conf._attn_implementation = attn_implementation
-        with torch.device(resolve_device(device)):
+        with torch.device(resolve_device(device)), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(conf, dtype=getattr(torch, dtype))
     else:
         model = AutoModelForCausalLM.from_pretrained(path_or_id, config=conf, dtype=getattr(torch, dtype),
@@ -79,10 +81,12 @@ def model_source(cfg) -> str:
     return name
 
 
-def load_policy(path: str, cfg, device: torch.device):
-    """Policy (or reference) model and tokenizer, as the config asks (dtype, init, overrides, checkpointing)."""
+def load_policy(path: str, cfg, device: torch.device, checkpoint: bool = False):
+    """Policy (or reference) model and tokenizer, as the config asks (dtype, init, overrides, checkpointing).
+    A `checkpoint` holds trained weights: it always loads them, whatever model.init says."""
     model, tok = load_model(path, cfg.model.dtype, str(device), cfg.model.attn_implementation,
-                            init=cfg.model.init, config_overrides=cfg.model.config_overrides)
+                            init="pretrained" if checkpoint else cfg.model.init,
+                            config_overrides=cfg.model.config_overrides, seed=cfg.train.seed)
     if cfg.model.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, tok

@@ -51,18 +51,36 @@ def set_rng_state(s: dict) -> None:
 
 def save_checkpoint(out: Path, step: int, run, keep: int) -> Path:
     """OUT/checkpoints/step_N/ (+ OUT/checkpoints/latest) of a train.Run; keeps the newest `keep`.
-    Under torchrun every rank calls it (it gathers the full model for the HF export)."""
+    Under torchrun every rank calls it: the collectives (gathering the full model for the HF export,
+    the sharded save) run on every rank in the same order whatever fails; each rank's own writes come
+    after, and one exchange of errors decides, on every rank alike, whether the checkpoint stands."""
     import dist
     world = run.world
     ckdir = out / "checkpoints"
     final, tmp = ckdir / f"step_{step:06d}", ckdir / f".tmp_step_{step:06d}"
-    error = None
-    try:
-        if world.main:
-            ckdir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        world.barrier()
-        full = dist.full_state_dict(run.model, world) if world.launched else None
+
+    def attempt(fn, *args):
+        try:
+            fn(*args)
+            return None
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+            return str(e)
+
+    def fresh():
+        ckdir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    errors = [e for e in world.gather(attempt(fresh) if world.main else None) if e]
+    full, sharded_error = None, None
+    if not errors and world.launched:  # collectives: every rank, same order
+        full = dist.full_state_dict(run.model, world)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_sd, opt_sd = get_state_dict(run.model, run.opt)
+        sharded_error = attempt(lambda: dcp.save({"model": model_sd, "optimizer": opt_sd},
+                                                 checkpoint_id=str(tmp / "sharded")))
+
+    def own_files():
         state = {"step": step, "scheduler": run.sched.state_dict(), "world_size": world.size,
                  "torchrun": world.launched}
         if not world.launched:
@@ -73,15 +91,10 @@ def save_checkpoint(out: Path, step: int, run, keep: int) -> Path:
             run.tok.save_pretrained(tmp)
             torch.save(state, tmp / "state.pt")
         if world.launched:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-            model_sd, opt_sd = get_state_dict(run.model, run.opt)
-            dcp.save({"model": model_sd, "optimizer": opt_sd}, checkpoint_id=str(tmp / "sharded"))
             torch.save({"stream": run.stream.state_dict(), "rng": rng_state(), "echo_rng": run.gen.get_state()},
                        tmp / f"rank{world.rank}.pt")
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        error = f"{e}"
-    errors = [e for e in world.gather(error) if e]
+    if not errors:
+        errors = [e for e in world.gather(sharded_error or attempt(own_files)) if e]
     if errors:
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -292,7 +292,9 @@ class Sampler:
         ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         seqs = [ids[b // G] for b in range(len(prompts) * G)]                # prompt tokens of row b
         B = len(seqs)
-        S = B if self.slots <= 0 or self.slots >= B else self.slots
+        # compiled: always `slots` (idle ones write to the sink row), so a smaller call (a DAPO refill, the
+        # last eval chunk) reuses the cache and the captured graphs instead of allocating and capturing anew
+        S = B if self.slots <= 0 or (self.slots >= B and not self.compiled) else self.slots
         refill = self.refill or max(1, S // 8)
         # one spare column: a window never spans the whole buffer, so the compiled step always sees
         # the same memory layout (a window equal to the buffer would be contiguous: a second graph)

@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -182,7 +183,7 @@ def collect(run: Run, stats: dict, times: dict) -> Rollout:
 def step_seed(run: Run, round_: int) -> int:
     """The sampling seed of a step's round: a function of (seed, rank, step, round) alone, so a resumed
     run draws what the uninterrupted one would have."""
-    return ((run.cfg.train.seed * 4096 + run.world.rank) * 1_000_003 + run.step) * 16 + round_
+    return zlib.crc32(f"{run.cfg.train.seed}/{run.world.rank}/{run.step}/{round_}".encode())
 
 
 def rollout_stats(batch: Rollout, stats: dict) -> None:
@@ -206,7 +207,7 @@ def compute_advantages(batch: Rollout, cfg: Config, world: World = World()) -> N
     pol = batch.in_policy > 0
     adv = torch.zeros_like(batch.rewards)
     total = world.sum if world.size > 1 else None
-    if pol.any() or total is not None:
+    if pol.any() or total is not None:  # under torchrun every rank joins the batch-wide sums, rows or not
         adv[pol] = ADVANTAGES[cfg.algo.advantage](batch.rewards[pol], batch.group[pol], total=total)
     batch.advantages = adv
 
@@ -253,11 +254,12 @@ def old_policy(run: Run, batch: Rollout) -> dict:
 
 
 def old_logprobs_from_sampler(run: Run) -> bool:
-    """train.old_logprobs: "auto" takes the sampler's numbers when it samples with the policy's own
-    weights, in the policy's dtype, without autocast: the same computation as the trainer's pass."""
-    mode = run.cfg.train.old_logprobs
-    if mode == "auto":
-        return run.sampler is None and run.cfg.model.autocast == "none" and run.engine is not None
+    """train.old_logprobs: "auto" takes the sampler's numbers when it samples with the policy's own fp32
+    (or fp64) weights without autocast: the same computation as the trainer's pass."""
+    mode, m = run.cfg.train.old_logprobs, run.cfg.model
+    if mode == "auto":  # in bf16/fp16, cached decoding and a full pass differ at the dtype's precision
+        return run.sampler is None and m.autocast == "none" and m.dtype in ("float32", "float64") and \
+            run.engine is not None
     return mode == "sampler"
 
 
@@ -296,12 +298,7 @@ def microbatch_loss(logp: torch.Tensor, ent: torch.Tensor, mb: Rollout, norm: No
     `mb.clip_mask` (EchoClip tokens, all-correct groups only) for the echo term."""
     a = cfg.algo
     mask = mb.policy_mask                                                       # [b, R]
-    tis = None
-    if a.tis_cap is not None and mb.sample_logprobs is not None:
-        tis = tis_weights(mb.old_logprobs, mb.sample_logprobs, a.tis_cap)
-    loss, clipped = policy_loss(logp, mb.old_logprobs, mb.advantages, mask, policy_loss=a.policy_loss,
-                                aggregation=a.aggregation, eps_low=a.eps_low, eps_high=a.eps_high,
-                                norm=norm, dual_clip=a.dual_clip, token_weights=tis)
+    loss, clipped = pg_term(logp, mb, norm, cfg)
     stats = {"loss_pg": loss.detach(), "clip_low": clipped["clip_low"], "clip_high": clipped["clip_high"]}
     if mb.ref_logprobs is not None and a.kl_coef > 0:
         kl = aggregate(kl_k3(logp, mb.ref_logprobs), mask, a.aggregation, norm)
@@ -318,6 +315,18 @@ def microbatch_loss(logp: torch.Tensor, ent: torch.Tensor, mb: Rollout, norm: No
     return loss, stats
 
 
+def pg_term(logp: torch.Tensor, mb: Rollout, norm: Norm, cfg: Config) -> tuple[torch.Tensor, dict]:
+    """The method's policy loss of a micro-batch (losses.policy_loss), with truncated importance
+    sampling on the sampler/trainer ratio when algo.tis_cap asks for it."""
+    a = cfg.algo
+    tis = None
+    if a.tis_cap is not None and mb.sample_logprobs is not None:
+        tis = tis_weights(mb.old_logprobs, mb.sample_logprobs, a.tis_cap)
+    return policy_loss(logp, mb.old_logprobs, mb.advantages, mb.policy_mask, policy_loss=a.policy_loss,
+                       aggregation=a.aggregation, eps_low=a.eps_low, eps_high=a.eps_high, norm=norm,
+                       dual_clip=a.dual_clip, token_weights=tis)
+
+
 def echo_term(logp: torch.Tensor, mb: Rollout, norm: Norm, n_clip: float, cfg: Config) -> torch.Tensor:
     """EchoRL's clip-SFT loss of a micro-batch: -coef x the mean log-prob over the mini-batch's clip
     tokens (method.md section 3), or with echo.normalizer "policy", the clip tokens' log-probs under the
@@ -331,7 +340,8 @@ def accumulate_gradients(model, batch: Rollout, micro: list[torch.Tensor | None]
                          world: World = World()) -> dict:
     """Backward the loss of one mini-batch (the rows `micro`, one tensor of row indices per
     micro-batch; None: a step-keeping forward, see even_out); gradients accumulate in .grad.
-    Returns the mini-batch's summed statistics."""
+    Returns the mini-batch's summed statistics, and under "tokens" the policy and clip tokens the
+    whole mini-batch (every rank) trains on: 0 means nothing to learn from, no optimizer step."""
     rows = torch.cat([idx for idx in micro if idx is not None] or [torch.zeros(0, dtype=torch.long)])
     # Normalisers over the whole mini-batch (on every rank), not per micro-batch: every micro-batch loss
     # is then its exact share of the mini-batch loss, so the gradient does not depend on how the
@@ -362,6 +372,7 @@ def accumulate_gradients(model, batch: Rollout, micro: list[torch.Tensor | None]
     out = {k: float(v) for k, v in sums.items()}
     for k in ("clip_low", "clip_high"):  # clipped tokens -> fraction of the mini-batch's policy tokens
         out[k] = out.get(k, 0.0) / norm.n_tokens
+    out["tokens"] = float(counts[1]) + (n_clip if cfg.echo.enabled else 0.0)
     return out
 
 
@@ -370,9 +381,9 @@ def update(run: Run, batch: Rollout) -> dict:
     Echo-only rows without a clip feed neither loss and skip the forward."""
     cfg, model = run.cfg, run.model
     model.train()
-    keep = None
+    keep = batch.in_policy > 0
     if batch.clip_mask is not None:
-        keep = (batch.in_policy > 0) | (batch.clip_mask.sum(-1) > 0)
+        keep = keep | (batch.clip_mask.sum(-1) > 0)
     sums, n_opt = {}, 0
     for _ in range(cfg.train.ppo_epochs):
         for micro in even_out(update_slices(batch.in_policy, cfg, keep), run.world):
@@ -381,7 +392,8 @@ def update(run: Run, batch: Rollout) -> dict:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
             if not math.isfinite(stats["grad_norm"]):
                 raise NonFiniteError(f"non-finite grad_norm ({stats['grad_norm']})")
-            run.opt.step()
+            if stats.pop("tokens") > 0:  # no token to learn from: no step (Adam's momentum would still move)
+                run.opt.step()
             run.sched.step()
             n_opt += 1
             for k, v in stats.items():
@@ -424,20 +436,21 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
             stats.update(probe_sharpening(run, batch))
     run.step += 1
     stats.update(batch_stats(batch))
-    if "rollout/tokens" in stats:
-        stats["rollout/decode_efficiency"] = stats["rollout/tokens"] / max(stats.pop("rollout/slot_steps"), 1.0)
-        stats["time/rollout_tokens_per_s"] = stats["rollout/tokens"] / max(times.get("generate", 0.0), 1e-9)
     stats.update({f"time/{k}": v for k, v in times.items()})
     if cuda:
         stats["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    return dist.reduce_metrics(stats, run.world), batch
+    stats = dist.reduce_metrics(stats, run.world)
+    if "rollout/tokens" in stats:  # over every rank: useful tokens / slot-steps, and tokens / slowest rank's time
+        stats["rollout/decode_efficiency"] = stats["rollout/tokens"] / max(stats.pop("rollout/slot_steps"), 1.0)
+        stats["time/rollout_tokens_per_s"] = stats["rollout/tokens"] / max(stats.get("time/generate", 0.0), 1e-9)
+    return stats, batch
 
 
 def probe_gradients(run: Run, batch: Rollout) -> dict:
     """The share of the update EchoRL drives: on the update's first micro-batch (normalised as in the
     update), the norm of the echo loss's gradient over the policy loss's. One more forward and two
     backwards, about 1.5 micro-batch updates, on the steps log.probe_every names (one process only)."""
-    cfg, model, a = run.cfg, run.model, run.cfg.algo
+    cfg, model = run.cfg, run.model
     micro = update_slices(batch.in_policy, cfg)[0]
     rows = torch.cat(micro)
     norm = Norm.of(batch.policy_mask[rows], cfg.rollout.max_new_tokens)
@@ -445,9 +458,7 @@ def probe_gradients(run: Run, batch: Rollout) -> dict:
     model.train()
     with autocast(cfg, model):
         logp, _ = response_logprobs(model, mb, temperature=cfg.rollout.temperature, chunk_size=cfg.train.logprob_chunk)
-    pg, _ = policy_loss(logp, mb.old_logprobs, mb.advantages, mb.policy_mask, policy_loss=a.policy_loss,
-                        aggregation=a.aggregation, eps_low=a.eps_low, eps_high=a.eps_high, norm=norm,
-                        dual_clip=a.dual_clip)
+    pg, _ = pg_term(logp, mb, norm, cfg)
     echo = echo_term(logp, mb, norm, float(batch.clip_mask[rows].sum()), cfg)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -476,16 +487,17 @@ def probe_sharpening(run: Run, batch: Rollout) -> dict:
 
 
 def batch_stats(batch: Rollout) -> dict:
-    """Reward, accuracy, entropy and length over the policy rows of a batch (plain floats)."""
+    """Reward, accuracy, entropy and length over the policy rows of a batch (plain floats), with the
+    counts they are means over."""
     live = batch.in_policy > 0
-    if not live.any():
-        return {"reward": 0.0, "accuracy": 0.0, "entropy": 0.0, "response_len": 0.0, "truncated": 0.0,
-                "batch_rows": float(len(batch))}
     m = batch.response_mask[live]
-    return {"reward": float(batch.rewards[live].mean()), "accuracy": float(batch.correct[live].float().mean()),
+    out = {"batch_rows": float(len(batch)), "batch/policy_rows": float(live.sum()), "batch/policy_tokens": float(m.sum())}
+    if not live.any():
+        return {**out, "reward": 0.0, "accuracy": 0.0, "entropy": 0.0, "response_len": 0.0, "truncated": 0.0}
+    return {**out, "reward": float(batch.rewards[live].mean()), "accuracy": float(batch.correct[live].float().mean()),
             "entropy": float((batch.entropies[live] * m).sum() / m.sum().clamp_min(1)),
             "response_len": float(batch.response_lengths[live].mean()),
-            "truncated": float(batch.truncated[live].float().mean()), "batch_rows": float(len(batch))}
+            "truncated": float(batch.truncated[live].float().mean())}
 
 
 def micro_batches(n: int, size: int) -> list[torch.Tensor]:
@@ -552,7 +564,7 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
     sampling = rollout_dtype(cfg)
     copy_bytes = torch.finfo(sampling).bits // 8 if world.launched or sampling != getattr(torch, cfg.model.dtype) else 0
     dist.check_fits(count_parameters(base, cfg), world, device, copy_bytes)
-    model, tok = load_policy(str(checkpoint) if checkpoint else base, cfg, device)
+    model, tok = load_policy(str(checkpoint) if checkpoint else base, cfg, device, checkpoint=checkpoint is not None)
     ref_model = None
     if cfg.algo.kl_coef > 0:
         ref_model = load_policy(base, cfg, device)[0].requires_grad_(False).eval()
@@ -640,16 +652,17 @@ def run_eval(run: Run, problems: dict, progress: bool = True) -> dict:
     model = run.sampler or run.model
     model.eval()
     out = {}
+    n = cfg.eval.n if cfg.eval.temperature > 0 else 1
     for name, probs in problems.items():
         mine = probs[world.rank::world.size]
-        with autocast(cfg, model) if run.sampler is None and run.engine is None else nullcontext():
-            res = evaluate(model, run.tok, mine, n=cfg.eval.n, temperature=cfg.eval.temperature, top_p=1.0,
-                           max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                           template=cfg.data.template, system_prompt=cfg.data.system_prompt,
-                           batch_size=cfg.eval.batch_size, progress=progress and world.main,
-                           desc=f"eval {name}", leave=False, sampler=run.engine, seed=cfg.train.seed,
-                           ks=(cfg.eval.n if cfg.eval.temperature > 0 else 1,))
-        n = res["n"]
+        res = {"avg@n": 0.0}  # a rank with no problem of this benchmark adds nothing
+        if mine:
+            with autocast(cfg, model) if run.sampler is None and run.engine is None else nullcontext():
+                res = evaluate(model, run.tok, mine, n=n, temperature=cfg.eval.temperature, top_p=1.0,
+                               max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                               template=cfg.data.template, system_prompt=cfg.data.system_prompt,
+                               batch_size=cfg.eval.batch_size, progress=progress and world.main, desc=f"eval {name}",
+                               leave=False, sampler=run.engine, seed=cfg.train.seed, ks=(n,))
         correct, passed, samples = world.sum(torch.tensor(
             [res["avg@n"] * len(mine) * n, res.get(f"pass@{n}", 0.0) * len(mine), len(mine) * n],
             dtype=torch.float64, device=world.device)).tolist()
@@ -693,9 +706,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, allow_c
     t_start = time.perf_counter()
     world = dist.init(cfg)
     try:
-        return _train(cfg, world, resume, overwrite, allow_changes, reward_fn, command, t_start)
-    finally:
+        history = _train(cfg, world, resume, overwrite, allow_changes, reward_fn, command, t_start)
+    except Interrupted:  # every rank stopped after the same step: leave together
         dist.close(world)
+        raise
+    except BaseException:  # maybe this rank alone: leave without waiting (torchrun then stops the others)
+        dist.abandon(world)
+        raise
+    dist.close(world)
+    return history
 
 
 def _train(cfg, world, resume, overwrite, allow_changes, reward_fn, command, t_start) -> list[dict]:

@@ -52,6 +52,7 @@ def main(batch_file: str, model_dir: str, out_file: str) -> None:
         if cfg.echo.enabled:
             stats.update(train.echo_clips(mine, cfg, run.delims, run.eos, run.gen))
         stats.update(train.update(run, mine))
+        stats.update(train.batch_stats(mine))
         stats = dist.reduce_metrics(stats, world)
         params = dist.full_state_dict(run.model, world)
         if world.main:

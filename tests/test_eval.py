@@ -166,7 +166,7 @@ def test_cli_tiny_model(tmp_path, monkeypatch):
     assert all(len(r["texts"]) == len(r["correct"]) == len(r["lengths"]) == 2 for r in records)
     assert sum(sum(r["correct"]) for r in records) == round(m["avg@n"] * 10)
     assert "| benchmark |" in next(out.glob("*.md")).read_text()
-    cache = next(out.glob(f"*__{name}.jsonl"))
+    cache = next(out.glob(f"*__{name}-*.jsonl"))
     assert len(cache.read_text().splitlines()) == 5
 
     def no_generation(*a, **kw):
@@ -201,7 +201,7 @@ def test_new_weights_at_the_same_path_are_generated_again_not_read_from_the_cach
     _save_random_model(model, seed=1)        # other weights copied to the same path
     ev.main(argv)
     assert calls                             # generated again
-    assert len(list((tmp_path / "out").glob("*__tiny.jsonl"))) == 2
+    assert len(list((tmp_path / "out").glob("*__tiny-*.jsonl"))) == 2
 
 
 def test_a_run_checkpoint_is_scored_on_the_runs_own_tiny_task(tmp_path, capsys):

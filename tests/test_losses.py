@@ -406,3 +406,24 @@ def test_tis_weights_scale_each_tokens_policy_loss():
     assert loss.item() == pytest.approx(-1.0)
     plain, _ = policy_loss(logp, logp, torch.tensor([2.0, -1.0]), mask, **kw)
     assert plain.item() == pytest.approx((-2 - 2 + 1) / 3)
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGES))
+def test_every_advantage_takes_zero_rows(name):
+    """A rank whose groups all dropped out of dynamic sampling still calls the advantage function (its
+    batch-wide sums must meet the other ranks'): zero rows in, zero rows out."""
+    out = ADVANTAGES[name](torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0,)
+
+
+def test_reinforce_pp_whitens_with_the_statistics_of_every_process():
+    """Two processes hold groups A = (1, 0) and B = (1, 1, 0, 0) of one batch; `total` adds the other
+    process's sums. Centred c = (0.5, -0.5 | 0.5, 0.5, -0.5, -0.5): unbiased std over 6 rows =
+    sqrt(6 * 0.25 / 5) = 0.5477, so A's advantages are +-0.9129, as one process holding all rows gives."""
+    from losses import adv_reinforce_pp_baseline
+    other = {"n": 4.0, "sum": 0.0, "sq": 1.0}   # process 2: four centred rewards +-0.5
+    calls = iter([other["n"], other["sum"], other["sq"]])
+    total = lambda x: x + next(calls)
+    mine = adv_reinforce_pp_baseline(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), total=total)
+    whole = adv_reinforce_pp_baseline(torch.tensor([1.0, 0.0, 1, 1, 0, 0]), torch.tensor([0, 0, 1, 1, 1, 1]))
+    assert mine.tolist() == pytest.approx(whole[:2].tolist(), rel=1e-5) and mine[0].item() == pytest.approx(0.9129, abs=1e-4)

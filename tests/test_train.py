@@ -447,3 +447,14 @@ def test_the_probe_measures_echorls_gradient_share_and_the_peak_steps_sharpening
     assert stats["probe/grad_norm_policy"] == 0.0 and stats["probe/grad_norm_echo"] > 0
     assert stats["probe/echo_over_policy"] == float("inf")
     assert stats["probe/peak_entropy_change"] < 0 and stats["echo/clip_nll"] > 0
+
+
+def test_a_mini_batch_with_nothing_to_learn_from_takes_no_optimizer_step(model_dir, tmp_path):
+    """After a real step Adam holds momentum; a batch whose rows are all outside the policy loss (and
+    clipless) must leave the weights as they are, not let the momentum move them."""
+    run, batch = prepared_batch(model_dir, tmp_path, "echo.enabled=false")
+    train.update(run, batch)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    batch.in_policy = torch.zeros(len(batch))
+    train.update(run, batch)
+    assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
