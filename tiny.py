@@ -38,7 +38,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 @dataclass
 class TinyConfig:
     """The embedded task, its model and its warm start: config section `tiny` (defaults = configs/tiny.yaml)."""
-    task: Literal["arith"] = "arith"  # which procedural task (TASKS below)
+    task: Literal["arith", "story"] = "arith"  # which procedural task (TASKS below)
     min_ops: int = 1          # difficulty: number of operations (= solution lines before the box)
     max_ops: int = 3
     max_value: int = 20       # every intermediate result stays in [0, max_value]
@@ -90,7 +90,45 @@ def make_arith_problem(rng: random.Random, cfg: TinyConfig, pid: str = "") -> Pr
     return Problem(id=pid, question=question, answer=str(x), solution="\n".join(lines + [f"\\boxed{{{x}}}"]))
 
 
-TASKS = {"arith": make_arith_problem}  # tiny.task -> problem generator (rng, cfg, id) -> Problem
+# "story": the arith problems, solved in words. Every operation is one line of two sentences that
+# retell it and name the operation, then a line with its equation. How to retell it is the solver's
+# choice (an opener, a subject, one of four verbs of the same kind, one of four ways to name the
+# operation), as in a real model's reasoning, where a correct answer still passes through steps of
+# several likely continuations: in all-correct groups such steps keep real entropy (EchoRL's
+# premise), and each line holds two sentences, so `newline` and `sentence` steps differ. The
+# decisions that decide correctness are those of arith: each operation's arithmetic, and which
+# result to box (tiny.sft_habit: half the multi-step SFT solutions box the first one).
+STORY_OPEN = (["First,", "To start,", "At first,", "We begin:"],
+              ["Then", "Next,", "After that,", "Now", "And then", "Later,"])
+STORY_WHO = ["{name}", "she", "he"]
+STORY_SAY = {"+": ADD, "-": SUB}
+STORY_OP = {"+": ["So we add {n}.", "We add {n}.", "That adds {n}.", "This means plus {n}."],
+            "-": ["So we take away {n}.", "We take away {n}.", "That takes away {n}.", "This means minus {n}."],
+            "*": ["So we multiply by {n}.", "We multiply by {n}.", "That multiplies by {n}.", "This means times {n}."]}
+STORY_WORDS = ["First", "To", "start", "At", "first", "We", "begin", "Then", "Next", "After", "that", "Now", "And",
+               "then", "Later", "So", "we", "add", "take", "away", "multiply", "by", "That", "adds", "takes",
+               "multiplies", "This", "means", "plus", "minus", "times", "she", "he"]
+
+
+def make_story_problem(rng: random.Random, cfg: TinyConfig, pid: str = "") -> Problem:
+    """An arith problem (the same question and answer for the same draws), its solution told in words:
+        First, Ann finds 5 more. So we add 5.
+        7 + 5 = 12
+        Then Ann drops 3. That takes away 3.
+        12 - 3 = 9
+        \\boxed{9}"""
+    p = make_arith_problem(rng, cfg, pid)
+    name = p.question.split(" ", 1)[0]
+    lines = []
+    for i, eq in enumerate(p.solution.split("\n")[:-1]):
+        _, op, n = eq.split(" = ")[0].split(" ")
+        say = MUL[int(n)] if op == "*" else rng.choice(STORY_SAY[op]).format(n=n)
+        who = rng.choice(STORY_WHO).format(name=name)
+        lines += [f"{rng.choice(STORY_OPEN[i > 0])} {who} {say}. {rng.choice(STORY_OP[op]).format(n=n)}", eq]
+    return Problem(pid, p.question, p.answer, "\n".join(lines + [p.solution.split("\n")[-1]]))
+
+
+TASKS = {"arith": make_arith_problem, "story": make_story_problem}  # tiny.task -> (rng, cfg, id) -> Problem
 
 
 def make_problem(rng: random.Random, cfg: TinyConfig, pid: str = "") -> Problem:
@@ -164,6 +202,7 @@ def build_tokenizer():
                                  "system", "user", "assistant", "Question", "Answer", "The", "answer", "is"])
     for t in ADD + SUB + list(MUL.values()):
         words.update(w for w in t.split() if w != "{n}")
+    words.update(STORY_WORDS)
     symbols = list("0123456789+-*/=.,?!:;()[]{}$") + ["\\boxed"]
     pieces = [" " + t for t in symbols + sorted(words)] + symbols + sorted(words) + [" ", "\n"]
     vocab = {t: i for i, t in enumerate(SPECIAL + pieces)}
@@ -198,7 +237,7 @@ def with_habit(p: Problem) -> Problem:
     One-step problems are unaffected (their first result is the answer).
     """
     lines = p.solution.split("\n")
-    first = lines[0].split("= ")[-1]
+    first = next(line for line in lines if " = " in line).split("= ")[-1]
     return Problem(p.id, p.question, p.answer, "\n".join(lines[:-1] + [f"\\boxed{{{first}}}"]))
 
 

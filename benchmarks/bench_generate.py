@@ -197,7 +197,8 @@ def cpu_main(args):
                     "threads": threads, "repeats": args.repeats}
             out = isolated(tiny_variant, spec)
             if engine == "slots":
-                digests.setdefault(workload, set()).add(out["digest"])
+                label = f"{'all' if batch == B else batch} slots, compile {'on' if comp else 'off'}"
+                digests.setdefault(workload, {}).setdefault(out["digest"], []).append(label)
             base = base or out["tok/s"]
             rows.append([workload, engine, "all" if batch == B else batch, "on" if comp else "off", out["tokens"],
                          out["tok/s"], out["tok/s"] / base, out["efficiency"], out["ms/step"], out["steps"],
@@ -205,9 +206,9 @@ def cpu_main(args):
             print(" | ".join(map(str, rows[-1])), flush=True)
     print()
     print(table(HEADERS, rows))
-    for workload, d in digests.items():  # per-row streams: slots and compilation must not change a token
-        print(f"{workload}: the sampler variants drew {'the same tokens' if len(d) == 1 else 'DIFFERENT tokens'} "
-              f"({len(d)} distinct digest(s) over slot counts and compile on/off)")
+    for workload, d in digests.items():  # per-row streams: the slot count must not change a token
+        groups = "; ".join(f"{digest}: {', '.join(labels)}" for digest, labels in d.items())
+        print(f"{workload}: {len(d)} distinct token digest(s) over the sampler variants ({groups})")
 
 # ----------------------------------------------------------------------------------------
 # GPU check: the real Qwen2.5-Math-1.5B shape

@@ -1,13 +1,13 @@
 """Does EchoRL help, with which methods, where its premise holds? A miniature of the paper's study.
 
-    python benchmarks/study.py --seeds 5
+    python benchmarks/study.py --seeds 5 --arith-seeds 3
 
 Two embedded tasks (tiny.py), each from its own cached warm start:
   arith  the default task: one equation per line; in its all-correct groups the clip tokens are
          near-certain, so EchoRL has almost nothing to learn there (the premise fails);
-  piles  several sentences per line, and decision steps where the warm start spreads real
-         probability over several continuations in correct answers (the premise holds).
-On both: GRPO, DAPO, Dr.GRPO and GSPO with EchoRL off and on. On piles, ablations of GRPO + EchoRL:
+  story  the same problems solved in words: lines of two sentences whose wording the warm start
+         chooses among several likely continuations, then the equation (the premise holds).
+On both: GRPO, DAPO, Dr.GRPO and GSPO with EchoRL off and on. On story, ablations of GRPO + EchoRL:
 the clip's end (select: peak / random_step / full / lowest_entropy), the coefficient (0.001, 0.01,
 0.1, 1.0), the step delimiter (newline / sentence) and the normaliser of L_echo (mean over clip
 tokens / the policy loss's own aggregation).
@@ -18,7 +18,7 @@ the rollout temperature, with pass@8 beside it (supervised learning on the model
 trade diversity for accuracy). Differences are paired by seed: the mean difference with its 95%
 interval (Student's t over seeds); an effect is named only when the interval excludes 0.
 
-Before the runs, the premise is checked on piles: at the start of RL, the mean peak-step entropy of
+After the runs, the premise is checked on story: at the start of RL, the mean peak-step entropy of
 the EchoClips of all-correct groups must be >= 0.3 nats (printed with the echo/policy gradient-norm
 ratio that the probe measures; log.probe_every).
 
@@ -50,11 +50,11 @@ BUDGET = ["rollout.prompts_per_step=16", "train.steps=32", "eval.every=32", "eva
           "train.save_every=0", "log.log_rollouts_every=0"]
 TASKS = {
     "arith": ["tiny.task=arith", "tiny.max_ops=2", "tiny.sft_steps=1000"],
-    "piles": ["tiny.task=piles"],
+    "story": ["tiny.task=story", "rollout.max_new_tokens=80"],
 }
 METHODS = ["grpo", "dapo", "drgrpo", "gspo"]
 TITLES = {"grpo": "GRPO", "dapo": "DAPO", "drgrpo": "Dr.GRPO", "gspo": "GSPO"}
-ABLATIONS = {  # on piles, all GRPO + EchoRL (defaults: select=peak, coef=0.001, newline, clip_tokens)
+ABLATIONS = {  # on story, all GRPO + EchoRL (defaults: select=peak, coef=0.001, newline, clip_tokens)
     "select=random_step": ["echo.select=random_step"],
     "select=full": ["echo.select=full"],
     "select=lowest_entropy": ["echo.select=lowest_entropy"],
@@ -78,7 +78,7 @@ def plan(ablations: bool = True) -> dict[str, list[str]]:
             runs[f"{task}/{m}+echo"] = [f"algo.name={m}", "echo.enabled=true", *PROBE]
     if ablations:
         for name, ov in ABLATIONS.items():
-            runs[f"piles/grpo+echo {name}"] = ["algo.name=grpo", "echo.enabled=true", *PROBE, *ov]
+            runs[f"story/grpo+echo {name}"] = ["algo.name=grpo", "echo.enabled=true", *PROBE, *ov]
     return runs
 
 
@@ -208,11 +208,11 @@ def table(summ: dict, names: list[str], seeds: int) -> list[str]:
 
 def premise_check(summ: dict, seeds: int) -> tuple[bool, str]:
     """Piles, GRPO + EchoRL at the start of RL: the clips' mean peak-step entropy against PREMISE."""
-    s = [summ[("piles/grpo+echo", i)] for i in range(seeds)]
+    s = [summ[("story/grpo+echo", i)] for i in range(seeds)]
     peak = statistics.mean(x["peak_entropy_start"] for x in s)
     ratio = [x["echo_over_policy"] for x in s if x["echo_over_policy"] is not None]
     ok = peak >= PREMISE
-    text = (f"premise check (piles, GRPO + EchoRL, first 25% of steps): mean peak-step entropy of the EchoClips "
+    text = (f"premise check (story, GRPO + EchoRL, first 25% of steps): mean peak-step entropy of the EchoClips "
             f"{peak:.3f} nats ({'>=' if ok else '<'} {PREMISE}: {'PASS' if ok else 'FAIL'}); mean step entropy "
             f"{statistics.mean(x['step_entropy_start'] for x in s):.3f}; clip NLL "
             f"{statistics.mean(x['clip_nll_start'] for x in s):.3f} nats/token; echo / policy gradient norm "
@@ -223,57 +223,62 @@ def premise_check(summ: dict, seeds: int) -> tuple[bool, str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny.yaml")
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=5, help="seeds of every story run")
+    ap.add_argument("--arith-seeds", type=int, default=3, help="seeds of every arith run")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="applied to every run, after the study budget (e.g. train.steps=16)")
     args = ap.parse_args(argv)
+    seeds = {"arith": args.arith_seeds, "story": args.seeds}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_study = time.perf_counter()
     runs = plan(not args.no_ablations)
+    names = list(runs)
     walls, rows, starts = {}, {}, {}
     for task, task_ov in TASKS.items():
-        common = BUDGET + task_ov + args.overrides
-        base = load_config(args.config, common)
+        base = load_config(args.config, BUDGET + task_ov + args.overrides)
         cached = (tiny.cache_path(base.tiny) / "config.json").exists()
         t0 = time.perf_counter()
         models.model_source(base)  # the task's warm start, built once before its runs
         built = 0.0 if cached else time.perf_counter() - t0
         walls[("warm start", task)] = built
         print(f"[study] {task}: warm start {'from the cache' if cached else f'built in {built / 60:.1f} min'}", flush=True)
-    names = list(runs)
-    todo = len(TASKS) * args.seeds + len(names) * args.seeds
+    todo = sum(seeds[t] * (1 + sum(task_of(n) == t for n in names)) for t in TASKS)
     done = 0
-    for seed in range(args.seeds):
+    for seed in range(max(seeds.values())):
         for task, task_ov in TASKS.items():
+            if seed >= seeds[task]:
+                continue
             common = BUDGET + task_ov + args.overrides + [f"train.seed={seed}"]
             done += 1
             print(f"[study {done}/{todo}] {task}: warm start eval, seed {seed}", flush=True)
             starts[(task, seed)], walls[("start", task, seed)] = start_eval(args.config, common,
                                                                              out / task / "start" / f"seed{seed}")
-        for name, ov in runs.items():
-            done += 1
-            print(f"[study {done}/{todo}] {name}, seed {seed}", flush=True)
-            common = BUDGET + TASKS[task_of(name)] + args.overrides + [f"train.seed={seed}", "eval.at_start=false"]
-            rows[(name, seed)], walls[(name, seed)] = run_one(args.config, common + ov,
-                                                              out / name.replace(" ", "_") / f"seed{seed}")
+            for name in (n for n in names if task_of(n) == task):
+                done += 1
+                print(f"[study {done}/{todo}] {name}, seed {seed}", flush=True)
+                run_ov = common + ["eval.at_start=false"] + runs[name]
+                rows[(name, seed)], walls[(name, seed)] = run_one(args.config, run_ov,
+                                                                  out / name.replace(" ", "_") / f"seed{seed}")
     summ = {(n, s): summarize(starts[(task_of(n), s)], rows[(n, s)], "tiny") for n, s in rows}
-    ok, premise = premise_check(summ, args.seeds)
+    ok, premise = premise_check(summ, seeds["story"])
     study_s = sum(walls.values())
     header = (f"Held-out accuracy on each task's 200 held-out problems (avg@8 and pass@8 at temperature 1) after "
-              f"{load_config(args.config, BUDGET).train.steps} steps of 16 prompts x 8, mean ± std over "
-              f"{args.seeds} seeds; Δ paired by seed, with the 95% interval over seeds (an effect is named only when "
-              f"it excludes 0). Study wall time {study_s / 60:.1f} min (sum of every run's, the warm starts' and "
-              f"the start evaluations'), measured {(time.perf_counter() - t_study) / 60:.1f} min for this call, on "
-              f"{cpu_model()}. Command: `python benchmarks/study.py --config {args.config} --seeds {args.seeds}"
+              f"{load_config(args.config, BUDGET).train.steps} steps of 16 prompts x 8, mean ± std over seeds "
+              f"({seeds['story']} on story, {seeds['arith']} on arith); Δ paired by seed, with the 95% interval over "
+              f"seeds (an effect is named only when it excludes 0). Study wall time {study_s / 60:.1f} min (the sum "
+              f"of every run's, the warm starts' and the start evaluations'; {(time.perf_counter() - t_study) / 60:.1f}"
+              f" min for this call) on {cpu_model()}. Command: `python benchmarks/study.py --config {args.config} "
+              f"--seeds {args.seeds} --arith-seeds {args.arith_seeds}"
               f"{''.join(' --set ' + o for o in args.overrides)}{' --no-ablations' if args.no_ablations else ''}`.")
-    starts_line = "; ".join(f"{task} warm start: avg@8 {fmt([starts[(task, s)]['eval/tiny/acc'] for s in range(args.seeds)])}"
-                            f", pass@8 {fmt([starts[(task, s)].get('eval/tiny/pass@8') for s in range(args.seeds)])}"
+    starts_line = "\n".join(f"{task} warm start: avg@8 {fmt([starts[(task, s)]['eval/tiny/acc'] for s in range(seeds[task])])}"
+                            f", pass@8 {fmt([starts[(task, s)].get('eval/tiny/pass@8') for s in range(seeds[task])])}"
                             for task in TASKS)
-    text = "\n\n".join([header, premise, starts_line] + ["\n".join(table(summ, [n for n in names if task_of(n) == task],
-                                                                          args.seeds)) for task in TASKS]) + "\n"
+    text = "\n\n".join([header, premise, starts_line] + [
+        f"**{task}**\n\n" + "\n".join(table(summ, [n for n in names if task_of(n) == task], seeds[task]))
+        for task in TASKS]) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"study_wall_s": study_s, "premise_ok": ok, "walls": {
         " | ".join(map(str, k)): v for k, v in walls.items()}, "runs": {f"{k[0]}|seed{k[1]}": v for k, v in
@@ -281,13 +286,13 @@ def main(argv=None):
     print(text)
     try:
         from plots import plot_premise, plot_study
-        by_name = {n: [rows[(n, i)] for i in range(args.seeds)] for n in names}
+        by_name = {n: [rows[(n, i)] for i in range(seeds[task_of(n)])] for n in names}
         for task in TASKS:
             plot_study({TITLES[m]: {"EchoRL off": by_name[f"{task}/{m}"], "EchoRL on": by_name[f"{task}/{m}+echo"]}
                         for m in METHODS}, "eval/tiny/acc", out / f"curves_{task}.png")
         if not args.no_ablations:
-            plot_study({"piles: GRPO + EchoRL ablations": {n.split(" ", 1)[-1] if " " in n else "defaults": by_name[n]
-                                                           for n in names if n.startswith("piles/grpo+echo")}},
+            plot_study({"story: GRPO + EchoRL ablations": {n.split(" ", 1)[-1] if " " in n else "defaults": by_name[n]
+                                                           for n in names if n.startswith("story/grpo+echo")}},
                        "eval/tiny/acc", out / "curves_ablations.png")
         plot_premise({task: {"EchoRL off": by_name[f"{task}/grpo"], "EchoRL on": by_name[f"{task}/grpo+echo"]}
                       for task in TASKS}, "eval/tiny/acc", out / "premise.png")

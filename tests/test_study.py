@@ -60,40 +60,40 @@ def _summ(acc, pass8=0.9, peak=0.5):
 
 
 def test_table_pairs_each_run_with_its_own_baseline_by_seed():
-    summ = {("piles/dapo", 0): _summ(0.50), ("piles/dapo", 1): _summ(0.60), ("piles/dapo", 2): _summ(0.70),
-            ("piles/dapo+echo", 0): _summ(0.40, 0.8), ("piles/dapo+echo", 1): _summ(0.50, 0.8),
-            ("piles/dapo+echo", 2): _summ(0.60, 0.8),
-            ("piles/grpo+echo", 0): _summ(0.5), ("piles/grpo+echo", 1): _summ(0.5), ("piles/grpo+echo", 2): _summ(0.5),
-            ("piles/grpo", 0): _summ(0.5), ("piles/grpo", 1): _summ(0.5), ("piles/grpo", 2): _summ(0.5),
-            ("piles/grpo+echo coef=0.1", 0): _summ(0.6), ("piles/grpo+echo coef=0.1", 1): _summ(0.7),
-            ("piles/grpo+echo coef=0.1", 2): _summ(0.6)}
-    names = ["piles/dapo", "piles/dapo+echo", "piles/grpo", "piles/grpo+echo", "piles/grpo+echo coef=0.1"]
+    summ = {("story/dapo", 0): _summ(0.50), ("story/dapo", 1): _summ(0.60), ("story/dapo", 2): _summ(0.70),
+            ("story/dapo+echo", 0): _summ(0.40, 0.8), ("story/dapo+echo", 1): _summ(0.50, 0.8),
+            ("story/dapo+echo", 2): _summ(0.60, 0.8),
+            ("story/grpo+echo", 0): _summ(0.5), ("story/grpo+echo", 1): _summ(0.5), ("story/grpo+echo", 2): _summ(0.5),
+            ("story/grpo", 0): _summ(0.5), ("story/grpo", 1): _summ(0.5), ("story/grpo", 2): _summ(0.5),
+            ("story/grpo+echo coef=0.1", 0): _summ(0.6), ("story/grpo+echo coef=0.1", 1): _summ(0.7),
+            ("story/grpo+echo coef=0.1", 2): _summ(0.6)}
+    names = ["story/dapo", "story/dapo+echo", "story/grpo", "story/grpo+echo", "story/grpo+echo coef=0.1"]
     lines = study.table(summ, names, 3)
     cells = {n: [c.strip() for c in line.split("|")[1:-1]] for n, line in zip(names, lines[2:])}
-    assert cells["piles/dapo"][3] == cells["piles/dapo"][5] == ""
-    assert cells["piles/dapo+echo"][3] == "-0.100 [-0.100, -0.100] (hurts)"   # every seed -0.10: no spread
-    assert cells["piles/dapo+echo"][4] == "-0.100 [-0.100, -0.100] (hurts)"   # pass@8 0.8 vs 0.9
+    assert cells["story/dapo"][3] == cells["story/dapo"][5] == ""
+    assert cells["story/dapo+echo"][3] == "-0.100 [-0.100, -0.100] (hurts)"   # every seed -0.10: no spread
+    assert cells["story/dapo+echo"][4] == "-0.100 [-0.100, -0.100] (hurts)"   # pass@8 0.8 vs 0.9
     # deltas (0.1, 0.2, 0.1): mean 0.133, sd 0.0577, half-width 4.303 * 0.0577 / sqrt(3) = 0.143
-    assert cells["piles/grpo+echo coef=0.1"][3] == "+0.133 [-0.010, +0.277] (no detectable effect)"
-    assert cells["piles/grpo+echo coef=0.1"][5] == "+0.133 [-0.010, +0.277] (no detectable effect)"
-    assert cells["piles/dapo"][1] == "0.600 ± 0.100"
+    assert cells["story/grpo+echo coef=0.1"][3] == "+0.133 [-0.010, +0.277] (no detectable effect)"
+    assert cells["story/grpo+echo coef=0.1"][5] == "+0.133 [-0.010, +0.277] (no detectable effect)"
+    assert cells["story/dapo"][1] == "0.600 ± 0.100"
 
 
 def test_premise_check_compares_the_start_of_rl_peak_entropy_with_the_bar():
-    ok, text = study.premise_check({("piles/grpo+echo", i): _summ(0.5, peak=p) for i, p in enumerate([0.35, 0.31])}, 2)
+    ok, text = study.premise_check({("story/grpo+echo", i): _summ(0.5, peak=p) for i, p in enumerate([0.35, 0.31])}, 2)
     assert ok and "0.330 nats (>= 0.3: PASS)" in text
-    ok, text = study.premise_check({("piles/grpo+echo", 0): _summ(0.5, peak=0.011)}, 1)
+    ok, text = study.premise_check({("story/grpo+echo", 0): _summ(0.5, peak=0.011)}, 1)
     assert not ok and "FAIL" in text
 
 
-def test_plan_runs_every_method_off_and_on_on_both_tasks_and_the_ablations_on_piles():
+def test_plan_runs_every_method_off_and_on_on_both_tasks_and_the_ablations_on_story():
     runs = study.plan(ablations=True)
     assert len(runs) == 2 * 2 * len(study.METHODS) + len(study.ABLATIONS) == 24
     for task in study.TASKS:
         for m in study.METHODS:
             assert "echo.enabled=false" in runs[f"{task}/{m}"] and "echo.enabled=true" in runs[f"{task}/{m}+echo"]
     ablations = [n for n in runs if " " in n]
-    assert ablations and all(n.startswith("piles/grpo+echo ") for n in ablations)
+    assert ablations and all(n.startswith("story/grpo+echo ") for n in ablations)
     assert {"echo.select=lowest_entropy", "echo.coef=1.0", "echo.delimiter=sentence", "echo.normalizer=policy"} <= \
         {o for n in ablations for o in runs[n]}
     assert len(study.plan(ablations=False)) == 16
@@ -135,5 +135,5 @@ def test_plot_premise_writes_a_png(tmp_path):
     import plots
     seeds = [ROWS, ROWS]
     plots.plot_premise({"arith": {"EchoRL off": seeds, "EchoRL on": seeds},
-                        "piles": {"EchoRL off": seeds, "EchoRL on": seeds}}, KEY, tmp_path / "p.png")
+                        "story": {"EchoRL off": seeds, "EchoRL on": seeds}}, KEY, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

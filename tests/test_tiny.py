@@ -1,6 +1,8 @@
 """The embedded task: solutions are right, splits are disjoint and reproducible, tokens round-trip."""
 import random
 
+import torch
+
 import reward
 import tiny
 
@@ -82,3 +84,41 @@ def test_warm_start_cache_key_changes_with_the_tokenizer_vocabulary(monkeypatch)
 
     monkeypatch.setattr(tiny, "build_tokenizer", with_extra_word)
     assert tiny.cache_path(*args) != before  # a model trained on the old ids is not reused
+
+
+# ----------------------------------------------------------------------------------------
+# The story task: the arith problems, solved in words (several sentences per line, several lines)
+
+
+def test_story_splits_are_reproducible_and_every_gold_verifies_against_its_own_solution():
+    import entropy
+    cfg = tiny.TinyConfig(task="story", min_ops=1, max_ops=4)
+    problems = tiny.make_split(cfg, 500, "train")
+    assert [p.solution for p in problems[:20]] == [p.solution for p in tiny.make_split(cfg, 20, "train")]
+    for p in problems:
+        equations = "\n".join(line for line in p.solution.split("\n") if " = " in line or "boxed" in line)
+        assert _replay(equations) == int(p.answer)                        # the equations compute the answer
+        assert reward.verify(p.solution, p.answer) and reward.verify(f"\\boxed{{{p.answer}}}", p.answer)
+        assert not reward.verify(p.solution, str(int(p.answer) + 1))
+    others = [q.answer for q in problems[1:] if q.answer != problems[0].answer]
+    assert others and not reward.verify(problems[0].solution, others[0])
+
+
+def test_story_lines_hold_several_sentences_so_sentence_steps_are_finer_than_newline_steps():
+    from entropy import delimiter_table, step_ids
+    tok = tiny.build_tokenizer()
+    cfg = tiny.TinyConfig(task="story", min_ops=2, max_ops=3)
+    for p in tiny.make_split(cfg, 50, "train"):
+        ids = tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert tok.unk_token_id not in ids and tok.decode(ids[:-1]) == p.solution
+        resp, mask = torch.tensor([ids]), torch.ones(1, len(ids))
+        lines = int(step_ids(resp, mask, delimiter_table(tok, "newline"), [tok.eos_token_id]).max()) + 1
+        sentences = int(step_ids(resp, mask, delimiter_table(tok, "sentence"), [tok.eos_token_id]).max()) + 1
+        assert lines == len(p.solution.split("\n")) and sentences > lines
+
+
+def test_story_habit_boxes_the_first_equations_result():
+    p = tiny.make_story_problem(random.Random(3), tiny.TinyConfig(min_ops=2, max_ops=2))
+    first = next(line for line in p.solution.split("\n") if " = " in line).split("= ")[-1]
+    habit = tiny.with_habit(p).solution
+    assert habit.endswith(f"\\boxed{{{first}}}") and habit.split("\n")[:-1] == p.solution.split("\n")[:-1]
