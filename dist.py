@@ -10,8 +10,8 @@ Under torchrun every process (rank) holds:
   * the policy, sharded with FSDP2 `fully_shard` on each decoder layer and on the root: fp32 master
     weights, gradients and AdamW states are split across ranks; forwards all-gather one layer at a
     time (in bf16 when the config asks for it, via a MixedPrecisionPolicy);
-  * a full, unsharded copy of the policy for sampling (sampler.sampling_copy), refreshed after every
-    optimizer step by gathering each layer once (`refresh_copy`): generation never all-gathers per
+  * a full, unsharded copy of the policy for sampling (sampler.sampling_copy), refreshed after each
+    step's update (all its optimizer steps) by gathering each layer once (`refresh_copy`): generation never all-gathers per
     token, and each rank can stop generating when its own rows are done;
   * its own share of the step's prompts, whole groups (`RankShare`), so group advantages stay local.
 Every quantity the loss divides by is summed over ranks (`World.sum`), so N ranks holding B/N rows

@@ -1,6 +1,6 @@
 """EchoRL: select EchoClips from advantage-degenerated groups and add a small SFT loss on them.
 
-method.md sections 2-3. In a group where every rollout is correct, all advantages are zero and
+In a group where every rollout is correct, all advantages are zero and
 the policy loss teaches nothing. EchoRL splits a correct rollout into steps, finds the step of
 highest mean token entropy (its hardest decision that it still got right), and keeps the prefix
 that ends there (the EchoClip). A supervised term `-coef * mean log p(clip tokens)` is added to
@@ -97,7 +97,7 @@ def select_clips(correct: torch.Tensor, group: torch.Tensor, response_mask: torc
 
 
 def _stats(clip, chosen, valid, all_success, g, n_groups, k, n_steps, step_h, entropies) -> dict:
-    """method.md section 3's per-step metrics (plain floats)."""
+    """The per-step metrics of EchoRL (plain floats)."""
     n = int(chosen.sum())
     degenerate_groups = torch.zeros(n_groups, dtype=torch.bool, device=clip.device).index_fill(
         0, g[all_success], True)
@@ -148,7 +148,7 @@ def peak_entropy_change(before: torch.Tensor, after: torch.Tensor, peak: torch.T
 
 def echo_loss(logprobs: torch.Tensor, clip_mask: torch.Tensor, coef: float,
               n_clip_tokens: float | None = None) -> torch.Tensor:
-    """L_echo = -coef * mean over clip tokens of log pi(y_t | prefix) (method.md section 3).
+    """L_echo = -coef * mean over clip tokens of log pi(y_t | prefix).
 
     `n_clip_tokens` is the clip-token count of the whole mini-batch, so that micro-batches sum to
     the full-batch value; by default this micro-batch's own count.

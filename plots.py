@@ -1,4 +1,4 @@
-"""Plots of a run: one rollout's step entropies with its EchoClip (method.md §2), and training curves.
+"""Plots of a run: one rollout's step entropies with its EchoClip, and training curves.
 
     python plots.py RUN_DIR [RUN_DIR ...] [--step N] [--row I] [--out DIR]
 

@@ -421,7 +421,7 @@ def sampling_copy(model, dtype: torch.dtype, always: bool = False):
 @torch.no_grad()
 def refresh_sampling_copy(twin, model):
     """Copy the policy's current parameters into `twin` in place (cast, device to device); the
-    addresses stay the same, so captured CUDA graphs stay valid. Call after each optimizer step."""
+    addresses stay the same, so captured CUDA graphs stay valid. Call after each update (before the next rollout)."""
     if twin is model:
         return twin
     src = dict(model.named_parameters())

@@ -222,7 +222,7 @@ def old_policy(run: Run, batch: Rollout) -> dict:
     used and no pass runs; they differ from a teacher-forced pass only by cached vs full-sequence
     float rounding (~1e-6), so the first update's ratio is 1 up to that. Otherwise (bf16 sampling
     copy, autocast, or "recompute") a pass computes them in the micro-batches the update will use,
-    so the first update sees ratio == 1 exactly (method.md pitfall 3), and the mismatch with the
+    so the first update sees ratio == 1 exactly (pitfall 3 (README)), and the mismatch with the
     sampler's log-probs is logged."""
     cfg = run.cfg
     use_sampler = old_logprobs_from_sampler(run) and batch.sample_logprobs is not None
@@ -329,7 +329,7 @@ def pg_term(logp: torch.Tensor, mb: Rollout, norm: Norm, cfg: Config) -> tuple[t
 
 def echo_term(logp: torch.Tensor, mb: Rollout, norm: Norm, n_clip: float, cfg: Config) -> torch.Tensor:
     """EchoRL's clip-SFT loss of a micro-batch: -coef x the mean log-prob over the mini-batch's clip
-    tokens (method.md section 3), or with echo.normalizer "policy", the clip tokens' log-probs under the
+    tokens, or with echo.normalizer "policy", the clip tokens' log-probs under the
     policy loss's own aggregation and normalisers."""
     if cfg.echo.normalizer == "policy":
         return -cfg.echo.coef * aggregate(logp, mb.clip_mask, cfg.algo.aggregation, norm)
@@ -345,7 +345,7 @@ def accumulate_gradients(model, batch: Rollout, micro: list[torch.Tensor | None]
     rows = torch.cat([idx for idx in micro if idx is not None] or [torch.zeros(0, dtype=torch.long)])
     # Normalisers over the whole mini-batch (on every rank), not per micro-batch: every micro-batch loss
     # is then its exact share of the mini-batch loss, so the gradient does not depend on how the
-    # mini-batch is split into micro-batches or over processes (method.md pitfall 4). The echo term
+    # mini-batch is split into micro-batches or over processes (pitfall 4 (README)). The echo term
     # divides by the clip tokens of the mini-batch likewise.
     mask = batch.policy_mask[rows]                                                   # [n, R]
     clip = batch.clip_mask[rows].sum() if batch.clip_mask is not None else mask.new_zeros(())
