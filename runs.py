@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -260,6 +261,12 @@ def describe_run(out: Path) -> str:
     return ", ".join(parts)
 
 
+def further(command: str, steps: int) -> str:
+    """`command` resumed to `steps` steps: its own --resume and train.steps overrides are dropped."""
+    kept = re.sub(r"\s--resume\b|\s--set[ =]train\.steps=\S+", "", command)
+    return f"{kept} --resume --set train.steps={steps}"
+
+
 def summary(cfg, rows: list[dict], wall: float, out: Path, command: str) -> None:
     """The closing lines of a run: held-out accuracy before -> after, time, where things are, what next."""
     py = python_cmd()
@@ -277,7 +284,7 @@ def summary(cfg, rows: list[dict], wall: float, out: Path, command: str) -> None
     if last:
         lines.append(f"  {py} eval.py --model {last}")
     launch = command if command.startswith("torchrun") else f"{py} {command}"
-    lines.append(f"  {launch} --resume --set train.steps={2 * cfg.train.steps}   # train further")
+    lines.append(f"  {further(launch, 2 * cfg.train.steps)}   # train further")
     print("\n".join(lines))
 
 

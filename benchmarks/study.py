@@ -2,7 +2,7 @@
 
     python benchmarks/study.py --seeds 4 --arith-seeds 3
 
-About 88 minutes on 2 cores from a fresh clone (two warm starts of 2.5 minutes each, then 16 story
+About 86 minutes on 2 cores from a fresh clone (two warm starts of 2.5 minutes each, then 16 story
 runs of ~65 s and 8 arith runs of ~30 s per seed): 4 story seeds are what fits the 90-minute budget
 (a fifth adds ~18 minutes).
 

@@ -211,3 +211,14 @@ def test_unreadable_and_oversized_data_rows_name_the_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"big.jsonl: line 2: the question has 5,000 characters, over the bound "
                                         r"of 1,000 \(data.max_question_chars\)"):
         load_problems(big, max_question_chars=1000)
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("train.py --config c.yaml", "train.py --config c.yaml --resume --set train.steps=120"),
+    ("train.py --config c.yaml --set train.steps=80 --resume --set log.wandb=true",
+     "train.py --config c.yaml --set log.wandb=true --resume --set train.steps=120"),
+    ("train.py --config c.yaml --set=train.steps=80 --set train.steps_x=1",
+     "train.py --config c.yaml --set train.steps_x=1 --resume --set train.steps=120"),
+])
+def test_the_train_further_line_drops_the_commands_own_resume_and_step_count(command, expected):
+    assert runs.further(command, 120) == expected
