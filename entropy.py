@@ -89,7 +89,7 @@ def response_logprobs(model, batch, *, temperature: float = 1.0, chunk_size: int
     """Forward a Rollout (prompt + response) and score its response tokens: ([B, R], [B, R]).
 
     Uses the same attention mask and position ids as generation, so for the same weights the
-    result equals the sampling-time log-probs (pitfall 2 (README)). Logits are divided by the
+    result equals the sampling-time log-probs (README pitfall 2). Logits are divided by the
     sampling temperature: the ratio compares the distributions the tokens were drawn from.
     """
     P, R = batch.prompt_ids.shape[1], batch.response_ids.shape[1]

@@ -3,7 +3,7 @@
 Every method (GRPO, DAPO, Dr.GRPO, RLOO, REINFORCE++, GSPO) is a row of PRESETS: an advantage estimator, a policy loss
 and an aggregation (plus a few flags for DAPO). A new variant is a new small function and a row.
 
-Micro-batch invariance (pitfall 4 (README)): `aggregate` takes normalisers computed over the
+Micro-batch invariance (README pitfall 4): `aggregate` takes normalisers computed over the
 whole mini-batch (`Norm`), so summing the per-micro-batch losses gives the full-batch loss for
 any split, and gradient accumulation needs no extra rescaling.
 """
@@ -22,7 +22,7 @@ def _group_stats(rewards: torch.Tensor, group: torch.Tensor):
 
     A group of equal rewards gets a centred reward of exactly 0: float32 `sum / n` is not exact
     for rewards like 2/3 (overlong shaping), and a 1e-8 residue divided by std + eps would become
-    a real policy gradient on a degenerate group (pitfall 5 (README)).
+    a real policy gradient on a degenerate group (README pitfall 5).
     """
     _, inv = torch.unique(group, return_inverse=True)
     n_groups = int(inv.max()) + 1 if inv.numel() else 0  # no rows (a rank whose groups all dropped out)

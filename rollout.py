@@ -148,7 +148,7 @@ def eos_ids(tokenizer, model=None) -> list[int]:
 def response_mask_from_ids(response_ids: torch.Tensor, eos: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask by position: 1 up to and including the first EOS; rows without EOS are truncated.
 
-    Pitfall 1 (README): masking `ids != pad` drops the EOS itself when pad == eos.
+    README pitfall 1: masking `ids != pad` drops the EOS itself when pad == eos.
     """
     B, R = response_ids.shape
     is_eos = torch.isin(response_ids, torch.tensor(eos, device=response_ids.device))  # [B, R]

@@ -222,7 +222,7 @@ def old_policy(run: Run, batch: Rollout) -> dict:
     used and no pass runs; they differ from a teacher-forced pass only by cached vs full-sequence
     float rounding (~1e-6), so the first update's ratio is 1 up to that. Otherwise (bf16 sampling
     copy, autocast, or "recompute") a pass computes them in the micro-batches the update will use,
-    so the first update sees ratio == 1 exactly (pitfall 3 (README)), and the mismatch with the
+    so the first update sees ratio == 1 exactly (README pitfall 3), and the mismatch with the
     sampler's log-probs is logged."""
     cfg = run.cfg
     use_sampler = old_logprobs_from_sampler(run) and batch.sample_logprobs is not None
@@ -345,7 +345,7 @@ def accumulate_gradients(model, batch: Rollout, micro: list[torch.Tensor | None]
     rows = torch.cat([idx for idx in micro if idx is not None] or [torch.zeros(0, dtype=torch.long)])
     # Normalisers over the whole mini-batch (on every rank), not per micro-batch: every micro-batch loss
     # is then its exact share of the mini-batch loss, so the gradient does not depend on how the
-    # mini-batch is split into micro-batches or over processes (pitfall 4 (README)). The echo term
+    # mini-batch is split into micro-batches or over processes (README pitfall 4). The echo term
     # divides by the clip tokens of the mini-batch likewise.
     mask = batch.policy_mask[rows]                                                   # [n, R]
     clip = batch.clip_mask[rows].sum() if batch.clip_mask is not None else mask.new_zeros(())

@@ -1,6 +1,6 @@
 """Peak memory and time of chunked log-probs/entropy vs the naive full-logits computation.
 
-pitfall 6 (README): the logits tensor [N, V] dominates memory (V = 151,936 for Qwen2.5).
+README pitfall 6: the logits tensor [N, V] dominates memory (V = 151,936 for Qwen2.5).
 `entropy.token_logprobs_entropy` runs the LM head + log-softmax over chunks of tokens (and
 recomputes each chunk in the backward), so only one chunk of logits is alive at a time. The
 naive baseline builds the whole thing: `logits = hidden @ W.T`, `.float()`, `log_softmax`,

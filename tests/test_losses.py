@@ -80,7 +80,7 @@ def test_batch_of_only_degenerate_groups_gets_exactly_zero_advantage(mode):
 def test_group_of_equal_fractional_rewards_gets_exactly_zero_advantage(mode):
     # DAPO shaping: 8 correct rollouts, each 40 tokens long with max_len 48 and buffer 12, all get
     # 1 - (40 - 36) / 12 = 2/3. The group's rewards are identical, so its std is 0 and every
-    # advantage must be exactly 0 (pitfall 5 (README)), whatever the float rounding of 2/3.
+    # advantage must be exactly 0 (README pitfall 5), whatever the float rounding of 2/3.
     lengths = torch.tensor([40] * 8)
     shaped = 1.0 + overlong_penalty(lengths, max_len=48, buffer=12)
     assert torch.allclose(shaped, torch.full((8,), 2 / 3))

@@ -81,7 +81,7 @@ def test_generate_groups_rows_and_masks(tok_model):
 
 @pytest.mark.parametrize("engine", ["slots", "hf"])
 def test_training_forward_reproduces_generation_logprobs_on_left_padded_batch(tok_model, engine):
-    """pitfall 2 (README): same weights, fp32 -> recomputed log-probs and entropies equal the
+    """README pitfall 2: same weights, fp32 -> recomputed log-probs and entropies equal the
     sampling-time ones (atol 1e-5: fp32 rounding of differently shaped matmuls, ~1e-6 seen)."""
     tok, model = tok_model
     torch.manual_seed(3)

@@ -41,7 +41,7 @@ def grads(model):
 
 @pytest.mark.parametrize("source", ["recompute", "sampler"])
 def test_first_update_sees_ratio_one_and_no_clipping(model_dir, tmp_path, source):
-    """pitfall 3 (README). `recompute`: the old-policy pass runs in the update's micro-batches, so the ratio
+    """README pitfall 3. `recompute`: the old-policy pass runs in the update's micro-batches, so the ratio
     is exactly 1. `sampler` (auto here: fp32 weights, no autocast, the policy samples itself): the old
     log-probs are the sampler's, computed over a KV cache instead of the full sequence, so the ratio is
     1 up to float rounding (stated bound 1e-5) and no token is clipped."""
@@ -63,7 +63,7 @@ def test_first_update_sees_ratio_one_and_no_clipping(model_dir, tmp_path, source
 
 @pytest.mark.parametrize("method", ["grpo", "dapo", "drgrpo", "rloo", "reinforce_pp", "gspo"])
 def test_gradient_does_not_depend_on_micro_batch_size(model_dir, tmp_path, method):
-    """pitfall 4 (README): the same batch split 1, 2 or 4 ways gives the same gradient
+    """README pitfall 4: the same batch split 1, 2 or 4 ways gives the same gradient
     (policy loss + EchoRL loss; echo on with scope 'success' so mixed groups have clips too)."""
     run, batch = prepared_batch(model_dir, tmp_path, f"algo.name={method}", "echo.scope=success",
                                 "echo.coef=0.5", "algo.dynamic_sampling=false")
@@ -84,7 +84,7 @@ def test_gradient_does_not_depend_on_micro_batch_size(model_dir, tmp_path, metho
 
 
 def test_all_success_batch_gives_zero_policy_gradient_and_nonzero_echo_gradient(model_dir, tmp_path):
-    """pitfall 5 (README): zero-std groups contribute exactly nothing to the policy gradient."""
+    """README pitfall 5: zero-std groups contribute exactly nothing to the policy gradient."""
     ones = (1,) * 8
     run, batch = prepared_batch(model_dir, tmp_path, "echo.enabled=false", rewards=ones)
     assert (batch.advantages == 0).all()
