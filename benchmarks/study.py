@@ -251,7 +251,7 @@ def main(argv=None):
         if not cached:
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(f"{built:.1f}")
-        walls[("warm start", task)] = built if not cached else float(record.read_text()) if record.exists() else 0.0
+        walls[("warm start", task)] = float(record.read_text()) if record.exists() else 0.0
         print(f"[study] {task}: warm start {'from the cache' if cached else f'built in {built / 60:.1f} min'}", flush=True)
     todo = sum(seeds[t] * (1 + sum(task_of(n) == t for n in names)) for t in TASKS)
     done = 0
