@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import reward
+
 
 @dataclass(frozen=True)
 class Problem:
     id: str
     question: str
     answer: str  # gold final answer, e.g. "\\frac{14}{3}" or "18"
+    solution: str = ""  # a worked solution, where the source has one (tiny.py's SFT targets)
 
 
 class DataError(ValueError):
@@ -52,7 +55,6 @@ def _number(x: float | int) -> str:
 
 
 def _boxed(solution: str) -> str | None:
-    import reward  # lazy: data loading should not pay for sympy unless a solution needs parsing
     answer = reward.extract_answer(solution, last_number=False)
     # "...so the answer is $\boxed{}$." (an empty box, 2 MATH train rows) must not yield the
     # text "$\boxed{}$" through extract_answer's "answer is" fallback
@@ -198,20 +200,9 @@ BENCHMARKS: dict[str, FileBenchmark | LoaderFn] = {
 
 def register_benchmark(name: str, loader: FileBenchmark | LoaderFn) -> None:
     """Add a benchmark: a FileBenchmark, or a function (data_dir, limit) -> list[Problem] that
-    may need no file at all (e.g. the held-out split of tiny.py's procedural task)."""
+    may need no file at all. (The embedded task's held-out split, "tiny", depends on the run's
+    task settings, so eval.load_benchmarks resolves it, not this table.)"""
     BENCHMARKS[name] = loader
-
-
-# --- benchmarks built in code rather than read from a file are registered here --------------
-
-def _tiny_heldout(data_dir, limit: int | None) -> list[Problem]:
-    """The held-out split of tiny.py's procedural task with the default task settings (configs/tiny.yaml);
-    eval.py takes a run's own settings from its saved config instead."""
-    import tiny
-    return tiny.heldout(tiny.TinyConfig(), limit)
-
-
-register_benchmark("tiny", _tiny_heldout)
 
 
 # ---------------------------------------------------------------------------------------------

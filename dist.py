@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from config import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -55,6 +57,14 @@ class World:
         t = torch.tensor([float(n)], dtype=torch.float64, device=self.device)
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
         return type(n)(t.item())
+
+    def max_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum of x over ranks (x itself in one process)."""
+        if self.size == 1:
+            return x
+        x = x.clone()
+        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.MAX)
+        return x
 
     def all(self, flag: bool) -> bool:
         """True when `flag` is true on every rank."""
@@ -95,7 +105,6 @@ def init(cfg) -> World:
         return World()
     world = World(rank=int(os.environ["RANK"]), size=int(os.environ["WORLD_SIZE"]),
                   local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    from config import ConfigError
     if cfg.rollout.prompts_per_step % world.size:
         raise ConfigError(f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} is not divisible by the "
                           f"{world.size} processes: every rank samples the same number of whole groups")
@@ -137,8 +146,7 @@ def check_fits(n_params: int, world: World, device: torch.device, sampling_bytes
     need = n_params * bytes_per_param(world.size, sampling_bytes)
     have = torch.cuda.get_device_properties(device).total_memory
     if need > 0.8 * have:
-        from config import ConfigError
-        raise ConfigError(f"a {n_params / 1e9:.1f} B-parameter model needs about {need / 2 ** 30:.0f} GiB per GPU for "
+            raise ConfigError(f"a {n_params / 1e9:.1f} B-parameter model needs about {need / 2 ** 30:.0f} GiB per GPU for "
                           f"fp32 weights, gradients, AdamW states ({16 / world.size:g} bytes a parameter over "
                           f"{world.size} process{'es' * (world.size > 1)}) and its sampling copy, and this GPU has "
                           f"{have / 2 ** 30:.0f} GiB: run on more GPUs (torchrun --nproc_per_node N)")
@@ -227,45 +235,3 @@ class RankShare:
 
     def load_state_dict(self, s):
         self.stream.load_state_dict(s)
-
-
-# How a step's metrics combine over ranks. Counts, and each rank's share of a global loss, add up.
-# Times, memory and maxima take the largest rank's. A mean over a rank's rows, tokens or clips is
-# weighted by that count (ranks hold different numbers of them: DAPO's refill, EchoClips). The rest
-# (fractions of equal shares such as frac_degenerate, the global grad norm, lr) is averaged.
-SUMMED = ("loss_pg", "loss_echo", "kl", "entropy_bonus", "clip_frac_low", "clip_frac_high", "echo/n_clips",
-          "echo/success_groups", "batch_rows", "batch/", "rollout/", "verifier/")
-LARGEST = ("time/", "mem/", "sampler/logprob_max_diff")
-WEIGHTS = {"reward": "batch/policy_rows", "accuracy": "batch/policy_rows", "response_len": "batch/policy_rows",
-           "truncated": "batch/policy_rows", "entropy": "batch/policy_tokens",
-           "sampler/logprob_abs_diff": "batch/policy_tokens", "sampler/kl_k3": "batch/policy_tokens",
-           "echo/clip_group_share": "echo/success_groups"}
-
-
-def weight_of(key: str) -> str | None:
-    if key in WEIGHTS:
-        return WEIGHTS[key]
-    return "echo/n_clips" if key.startswith("echo/") and not key.startswith(SUMMED) else None  # per-clip means
-
-
-def reduce_metrics(metrics: dict, world: World) -> dict:
-    """A step's metrics over every rank (each rank calls it); in one process, the metrics unchanged."""
-    if world.size == 1:
-        return metrics
-    present = sorted(set().union(*world.gather(sorted(k for k, v in metrics.items() if isinstance(v, (int, float))))))
-    w = [float(metrics.get(weight_of(k), 0.0)) if weight_of(k) else float(k in metrics) for k in present]
-    vals = torch.tensor([float(metrics.get(k, 0.0)) for k in present], dtype=torch.float64, device=world.device)
-    weights = torch.tensor(w, dtype=torch.float64, device=world.device) * \
-        torch.tensor([float(k in metrics) for k in present], dtype=torch.float64, device=world.device)
-    total, weighted, weight = world.sum(vals), world.sum(vals * weights), world.sum(weights)
-    largest = vals.clone()
-    torch_dist.all_reduce(largest, op=torch_dist.ReduceOp.MAX)
-    out = {}
-    for i, k in enumerate(present):
-        if k.startswith(LARGEST):
-            out[k] = float(largest[i])
-        elif k.startswith(SUMMED):
-            out[k] = float(total[i])
-        else:
-            out[k] = float(weighted[i] / weight[i]) if weight[i] > 0 else 0.0
-    return out

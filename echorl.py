@@ -15,12 +15,15 @@ Everything here is a pure function of tensors so it can be called from a noteboo
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from entropy import step_reduce
+from entropy import step_ids, step_reduce
+from losses import Norm, aggregate
+from metrics import Mean, Sum
 
 
 @dataclass
@@ -44,11 +47,14 @@ class EchoConfig:
 
 def select_clips(correct: torch.Tensor, group: torch.Tensor, response_mask: torch.Tensor,
                  entropies: torch.Tensor, sids: torch.Tensor, cfg: EchoConfig,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+                 generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, dict]:
     """EchoClip mask [B, R] (float) and statistics.
 
     correct [B] bool, group [B] long, response_mask [B, R], entropies [B, R] (old policy, no grad),
-    sids [B, R] step index per token (-1 on padding, from entropy.step_ids).
+    sids [B, R] step index per token (-1 on padding, from entropy.step_ids). select = random_step
+    draws row b's step from uniforms[b] in [0, 1) (`row_uniforms`: keyed on what identifies the row),
+    else from `generator`.
     """
     B, R = response_mask.shape
     assert correct.shape == group.shape == (B,) and entropies.shape == sids.shape == (B, R)
@@ -70,7 +76,7 @@ def select_clips(correct: torch.Tensor, group: torch.Tensor, response_mask: torc
     elif cfg.select == "full":
         k = n_steps - 1
     elif cfg.select == "random_step":
-        u = torch.rand(B, generator=generator, device="cpu").to(dev)
+        u = uniforms.to(dev) if uniforms is not None else torch.rand(B, generator=generator, device="cpu").to(dev)
         k = (u * n_steps.clamp_min(1)).long().clamp(max=n_steps.clamp_min(1) - 1)
     else:
         raise ValueError(f"unknown echo.select {cfg.select!r}; allowed: peak, random_step, full, lowest_entropy")
@@ -97,28 +103,29 @@ def select_clips(correct: torch.Tensor, group: torch.Tensor, response_mask: torc
 
 
 def _stats(clip, chosen, valid, all_success, g, n_groups, k, n_steps, step_h, entropies) -> dict:
-    """The per-step metrics of EchoRL (plain floats)."""
+    """The per-step metrics of EchoRL: counts, and means over the clips (or the all-correct groups)."""
     n = int(chosen.sum())
     degenerate_groups = torch.zeros(n_groups, dtype=torch.bool, device=clip.device).index_fill(
         0, g[all_success], True)
     groups_with_clip = torch.zeros(n_groups, dtype=torch.bool, device=clip.device).index_fill(0, g[chosen], True)
     n_deg = int(degenerate_groups.sum())
-    out = {"echo/n_clips": float(n), "echo/success_groups": float(n_deg)}
+    out = {"echo/n_clips": Sum(n), "echo/success_groups": Sum(n_deg)}
     if n_deg:  # undefined without all-success groups: the key is left out
-        out["echo/clip_group_share"] = float((groups_with_clip & degenerate_groups).sum()) / n_deg
+        out["echo/clip_group_share"] = Mean(float((groups_with_clip & degenerate_groups).sum()) / n_deg, n_deg)
     if n:
         c, vf = clip[chosen].float(), valid[chosen].float()
         kk, ns = k[chosen].float(), n_steps[chosen].float()
         ent = entropies[chosen].float()
-        out.update({
-            "echo/clip_tokens": float(c.sum(-1).mean()),
-            "echo/clip_frac": float((c.sum(-1) / vf.sum(-1).clamp_min(1)).mean()),
-            "echo/peak_step": float(kk.mean()),
-            "echo/peak_pos": float(((kk + 1) / ns).mean()),              # 1.0 = the last step
-            "echo/peak_step_entropy": float(step_h[chosen].gather(1, k[chosen, None]).mean()),
-            "echo/mean_step_entropy": float(_mean_step(step_h[chosen]).mean()),
-            "echo/response_entropy": float(((ent * vf).sum(-1) / vf.sum(-1).clamp_min(1)).mean()),
-        })
+        per_clip = {
+            "echo/clip_tokens": c.sum(-1).mean(),
+            "echo/clip_frac": (c.sum(-1) / vf.sum(-1).clamp_min(1)).mean(),
+            "echo/peak_step": kk.mean(),
+            "echo/peak_pos": ((kk + 1) / ns).mean(),                       # 1.0 = the last step
+            "echo/peak_step_entropy": step_h[chosen].gather(1, k[chosen, None]).mean(),
+            "echo/mean_step_entropy": _mean_step(step_h[chosen]).mean(),
+            "echo/response_entropy": ((ent * vf).sum(-1) / vf.sum(-1).clamp_min(1)).mean(),
+        }
+        out.update({key: Mean(float(v), n) for key, v in per_clip.items()})
     return out
 
 
@@ -126,6 +133,52 @@ def _mean_step(step_h: torch.Tensor) -> torch.Tensor:
     """[n, S] step values (-inf: no such step) -> [n] mean over each row's steps."""
     real = step_h > float("-inf")
     return step_h.masked_fill(~real, 0.0).sum(-1) / real.sum(-1).clamp_min(1)
+
+
+# ----------------------------------------------------------------------------------------
+# Probes (log.probe_every): how much of the update EchoRL drives, and what it does to the peak step
+
+
+def probe_gradients(run, batch, micro: list[torch.Tensor], forward, rl_loss) -> dict:
+    """The norm of EchoRL's gradient over the policy loss's, on the first mini-batch of the update (all
+    its micro-batches, echo-only rows included), normalised as in the update. One more forward and two
+    backwards of that mini-batch. `forward(run, model, mb)` and `rl_loss(run, logp, ent, mb, norm)`
+    are train.py's."""
+    cfg, model = run.cfg, run.model
+    rows = torch.cat(micro)
+    norm = Norm.of(batch.policy_mask[rows], cfg.rollout.max_new_tokens)
+    n_clip = float(batch.clip_mask[rows].sum())
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_pg, g_echo = [torch.zeros_like(p, dtype=torch.float32) for p in params], \
+        [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    model.train()
+    for idx in micro:
+        mb = batch.select(idx)
+        logp, ent = forward(run, model, mb, with_entropy=cfg.algo.entropy_coef > 0)
+        pg, _ = rl_loss(run, logp, ent, mb, norm)
+        echo = echo_term(logp, mb.clip_mask, cfg.echo, n_clip, cfg.algo.aggregation, norm)
+        for acc, loss in ((g_pg, pg), (g_echo, echo)):
+            if loss.requires_grad:
+                for a, g in zip(acc, torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)):
+                    if g is not None:
+                        a += g.float()
+    norm_of = lambda gs: float(torch.sqrt(sum((g ** 2).sum() for g in gs)))
+    pg_n, echo_n = norm_of(g_pg), norm_of(g_echo)
+    return {"probe/grad_norm_policy": pg_n, "probe/grad_norm_echo": echo_n,
+            "probe/echo_over_policy": echo_n / pg_n if pg_n > 0 else float(echo_n > 0) * float("inf")}
+
+
+@torch.no_grad()
+def probe_sharpening(run, batch, forward) -> dict:
+    """After the update: the change of the mean token entropy of each EchoClip's peak step (the
+    decision EchoRL targets), from the old policy to the updated one. This is the whole update's
+    effect (policy loss included), not EchoRL's alone. One no-grad forward of the clipped rows."""
+    rows = torch.nonzero(batch.clip_mask.sum(-1) > 0).squeeze(-1)
+    mb = batch.select(rows)
+    run.model.eval()
+    _, after = forward(run, run.model, mb, with_entropy=True)
+    peak = peak_tokens(mb.clip_mask, mb.extras["step_ids"])
+    return {"probe/peak_entropy_change": peak_entropy_change(mb.entropies, after, peak)}
 
 
 def peak_tokens(clip_mask: torch.Tensor, sids: torch.Tensor) -> torch.Tensor:
@@ -157,3 +210,60 @@ def echo_loss(logprobs: torch.Tensor, clip_mask: torch.Tensor, coef: float,
     if float(n) == 0:
         return logprobs.sum() * 0.0  # keeps the graph; contributes no gradient
     return -coef * (logprobs * clip_mask).sum() / n
+
+
+def echo_term(logprobs: torch.Tensor, clip_mask: torch.Tensor, cfg: EchoConfig, n_clip_tokens: float,
+              aggregation: str, norm: Norm) -> torch.Tensor:
+    """EchoRL's loss on one micro-batch, its exact share of the mini-batch's (README "Design choices").
+
+    echo.normalizer "clip_tokens": `echo_loss` over the mini-batch's clip tokens (`n_clip_tokens`,
+    summed over micro-batches and ranks). "policy": the clip tokens' log-probs under the policy loss's
+    own aggregation and normalisers (`norm`); a mini-batch without policy tokens (DAPO, every group
+    all-correct) has no such normaliser, and falls back to the clip-token mean rather than a sum."""
+    if cfg.normalizer == "policy" and norm.n_tokens_real > 0:
+        return -cfg.coef * aggregate(logprobs, clip_mask, aggregation, norm)
+    return echo_loss(logprobs, clip_mask, cfg.coef, n_clip_tokens)
+
+
+# ----------------------------------------------------------------------------------------
+# Where EchoRL acts in the loop (train.py calls each once): the dropped all-correct groups it keeps
+# (DAPO), the clips of a step's batch, and the rows the update must forward.
+
+
+def dropped_groups_to_keep(correct: torch.Tensor, live: torch.Tensor, room: int, cfg: EchoConfig) -> torch.Tensor:
+    """DAPO's dynamic sampling drops groups whose rewards are all equal; EchoRL keeps the all-correct
+    ones (at most `room`) as echo-only groups: outside the policy loss, a source of clips.
+    correct [B] bool, live [n_groups] bool (groups the policy loss keeps) -> [n_groups] bool."""
+    if not (cfg.enabled and cfg.keep_dropped_groups):
+        return torch.zeros_like(live)
+    keep = ~live & correct.view(len(live), -1).all(-1)
+    return keep & (keep.cumsum(0) <= room)
+
+
+def row_uniforms(seed: int, step: int, row_keys: list[str]) -> torch.Tensor:
+    """[B] uniforms in [0, 1), each a hash of (seed, step, the row's key): the same row draws the same
+    number in one process or on any rank, whatever else is in the batch."""
+    return torch.tensor([zlib.crc32(f"{seed}/{step}/{k}".encode()) / 2 ** 32 for k in row_keys], dtype=torch.float64)
+
+
+def echo_clips(run, batch) -> dict:
+    """The EchoClips of a step's batch (select_clips on the old policy's entropies): fills
+    batch.clip_mask, and the step ids (for the rollout dumps and the probes); returns EchoRL's
+    metrics, with the old policy's NLL of the clip tokens (how much there is to learn)."""
+    cfg = run.cfg.echo
+    sids = step_ids(batch.response_ids, batch.response_mask, run.delims, run.eos, cfg.min_step_tokens)
+    batch.extras["step_ids"] = sids
+    u = row_uniforms(run.cfg.train.seed, run.step, batch.extras["row_keys"]) if cfg.select == "random_step" else None
+    batch.clip_mask, stats = select_clips(batch.correct, batch.group, batch.response_mask, batch.entropies, sids,
+                                          cfg, uniforms=u)
+    n = float(batch.clip_mask.sum())
+    if n > 0:
+        stats["echo/clip_nll"] = Mean(float(-(batch.old_logprobs * batch.clip_mask).sum()) / n, n)
+    return stats
+
+
+def rows_to_update(batch) -> torch.Tensor:
+    """[B] bool: rows the update forwards: the policy rows and the echo-only rows that hold a clip
+    (an echo-only row without one feeds neither loss)."""
+    keep = batch.in_policy > 0
+    return keep | (batch.clip_mask.sum(-1) > 0) if batch.clip_mask is not None else keep

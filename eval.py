@@ -8,7 +8,7 @@ come from the command line, else from --config, else from the run's saved config
 is a run checkpoint (so `--benchmarks tiny` scores the same problems as the run's in-loop eval),
 else from config.py's defaults. The script prints which.
 
-Generations go through rollout.py (the same sampler as training) and are cached as JSONL in
+Generations go through sampler.py (the same sampler as training) and are cached as JSONL in
 --out-dir, one line per finished problem, under a name that holds the model's weight files (names,
 sizes, modification times) and every sampling setting: an interrupted run resumes where it stopped,
 and new weights at the same path are never scored from an old cache. Every sample has its own random
@@ -28,15 +28,21 @@ import math
 import re
 import warnings
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 import data
 import reward
 import rollout
+import tiny
+from config import Config, from_dict, load_config
 from data import Problem
-from models import load_model
+from models import autocast, load_model, rollout_dtype
+from sampler import Sampler, generate
 
 DEFAULT_BENCHMARKS = "math500,gsm8k,aime24,amc23,minerva_math,olympiadbench"
 
@@ -56,13 +62,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def _normalize(answer: str) -> str:
+def _compact(answer: str) -> str:
+    """The answer without whitespace: the cheap equality test before the verifier's."""
     return re.sub(r"\s+", "", answer)
 
 
 def _same_answer(a: str, b: str) -> bool:
     # cheap string test first; the verifier (sympy) only for answers that look different
-    return _normalize(a) == _normalize(b) or reward.verify(f"\\boxed{{{a}}}", b)
+    return _compact(a) == _compact(b) or reward.verify(f"\\boxed{{{a}}}", b)
 
 
 def _vote_index(answers: list[str | None]) -> int | None:
@@ -188,7 +195,7 @@ def evaluate(model, tokenizer, problems: list[Problem], *, n: int = 1, temperatu
         kw = dict(group_size=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                   row_seeds=[row_seed(p.id, j) for p in chunk for j in range(n)])
         out = sampler.generate(prompts, **kw) if sampler is not None else \
-            rollout.generate(model, tokenizer, prompts, batch_size=batch_size, **kw)
+            generate(model, tokenizer, prompts, batch_size=batch_size, **kw)
         lengths = out.response_mask.sum(-1).long().tolist()  # [len(chunk) * n]
         truncated = out.truncated.tolist()
         new = [{"id": p.id, "texts": out.texts[i * n:(i + 1) * n], "lengths": lengths[i * n:(i + 1) * n],
@@ -282,14 +289,48 @@ def run_config(model: str):
     return saved if p.is_dir() and p.parent.name == "checkpoints" and saved.is_file() else None
 
 
-def _load(name: str, cfg, limit: int | None) -> tuple[str, list[Problem]]:
-    # a benchmark is a registered name, "tiny" (the task of the config), or a .jsonl/.json file of problems
+def load_benchmark(name: str, cfg: Config) -> tuple[str, list[Problem]]:
+    """(display name, problems) of one benchmark of cfg.eval: a registered name (data.BENCHMARKS),
+    "tiny" (the held-out split of the config's own embedded task), or a .jsonl/.json file of problems;
+    the first cfg.eval.limit problems (0: all). The one place benchmarks are resolved."""
+    limit = cfg.eval.limit or None
     if name.endswith((".jsonl", ".json")):
         return _slug(name), data.load_problems(name, limit=limit, max_question_chars=cfg.data.max_question_chars)
     if name == "tiny":
-        import tiny
         return name, tiny.heldout(cfg.tiny, limit)
     return name, data.load_benchmark(name, cfg.eval.data_dir, limit, max_question_chars=cfg.data.max_question_chars)
+
+
+def load_benchmarks(cfg: Config) -> dict[str, list[Problem]]:
+    """Every benchmark of cfg.eval.benchmarks, by display name."""
+    return dict(load_benchmark(name, cfg) for name in cfg.eval.benchmarks)
+
+
+def evaluate_run(run, problems: dict[str, list[Problem]], progress: bool = True) -> dict:
+    """The in-loop evaluation of a train.Run: held-out avg@n (and pass@n) per benchmark, sampled with
+    the run's sampler. Under torchrun each rank scores every size-th problem and the counts are summed."""
+    cfg, world = run.cfg, run.world
+    model = run.sampling_weights or run.model
+    model.eval()
+    out = {}
+    n = cfg.eval.n if cfg.eval.temperature > 0 else 1
+    for name, probs in problems.items():
+        mine = probs[world.rank::world.size]
+        res = {"avg@n": 0.0}  # a rank with no problem of this benchmark adds nothing
+        if mine:
+            with autocast(cfg, model) if run.sampling_weights is None and run.sampler is None else nullcontext():
+                res = evaluate(model, run.tok, mine, n=n, temperature=cfg.eval.temperature, top_p=1.0,
+                               max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                               template=cfg.data.template, system_prompt=cfg.data.system_prompt,
+                               batch_size=cfg.eval.batch_size, progress=progress and world.main, desc=f"eval {name}",
+                               leave=False, sampler=run.sampler, seed=cfg.train.seed, ks=(n,))
+        correct, passed, samples = world.sum(torch.tensor(
+            [res["avg@n"] * len(mine) * n, res.get(f"pass@{n}", 0.0) * len(mine), len(mine) * n],
+            dtype=torch.float64, device=world.device)).tolist()
+        out[f"eval/{name}/acc"] = correct / samples               # avg@n
+        if n > 1:                                                 # pass@n: a correct answer among the n samples
+            out[f"eval/{name}/pass@{n}"] = passed / (samples / n)
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -321,7 +362,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace):
     """(Config, where its values came from) with every command-line value applied."""
-    from config import Config, load_config, from_dict
     if args.config:
         cfg, source = load_config(args.config), f"--config {args.config}"
     elif saved := run_config(args.model):
@@ -364,19 +404,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                          f"got {args.k!r}")
     print(f"eval settings from {source}: n={n}, temperature={e.temperature}, max_new_tokens={e.max_new_tokens}, "
           f"template={cfg.data.template}, benchmarks={','.join(e.benchmarks)}")
-    benchmarks = [_load(b, cfg, e.limit or None) for b in e.benchmarks]
+    benchmarks = list(load_benchmarks(cfg).items())
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from models import rollout_dtype
     dtype = args.dtype or str(rollout_dtype(cfg)).removeprefix("torch.")  # what the run's rollouts sampled in
     tag = run_tag(args.model, n, e.temperature, args.top_p, e.max_new_tokens, cfg.data.template,
                   cfg.data.system_prompt, cfg.train.seed if args.seed is None else args.seed, dtype)
 
-    from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     seed = cfg.train.seed if args.seed is None else args.seed
     model, tokenizer = load_model(args.model, dtype, args.device)
-    from sampler import Sampler
     engine = Sampler(model, tokenizer, slots=e.batch_size)  # built once: its compiled step (CUDA) is reused
     results, records = {}, {}
     for name, problems in benchmarks:

@@ -163,15 +163,19 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Norm:
     """Normalisers of one mini-batch (all its micro-batches share them)."""
-    n_seqs: float     # sequences in the mini-batch that enter the policy loss
-    n_tokens: float   # their response tokens
+    n_seqs: float     # sequences in the mini-batch that enter the policy loss (at least 1: a divisor)
+    n_tokens: float   # their response tokens (at least 1: a divisor)
     max_len: int      # constant L_max of seq-mean-token-sum-norm (Dr. GRPO)
+    n_tokens_real: float = 1.0  # the token count before clamping: 0 = no policy token in the mini-batch
 
     @staticmethod
     def of(mask: torch.Tensor, max_len: int) -> "Norm":
         """mask [B, T] (zero rows = sequences outside the policy loss)."""
-        return Norm(n_seqs=float((mask.sum(-1) > 0).sum().clamp_min(1)),
-                    n_tokens=float(mask.sum().clamp_min(1)), max_len=max_len)
+        return Norm.from_counts(float((mask.sum(-1) > 0).sum()), float(mask.sum()), max_len)
+
+    @staticmethod
+    def from_counts(n_seqs: float, n_tokens: float, max_len: int) -> "Norm":
+        return Norm(n_seqs=max(n_seqs, 1.0), n_tokens=max(n_tokens, 1.0), max_len=max_len, n_tokens_real=n_tokens)
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, norm: Norm) -> torch.Tensor:

@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import re
 import socket
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+import tiny
+from config import ConfigError
 from rollout import load_tokenizer
 
 
@@ -44,7 +47,6 @@ def resolve_device(name: str, world=None) -> torch.device:
         name = f"cuda:{world.local_rank}"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from config import ConfigError
         raise ConfigError(f"config key 'train.device' is {name!r} but torch sees no CUDA device "
                           f"(torch {torch.__version__}); on a CPU machine use --set train.device=cpu")
     return dev
@@ -59,7 +61,6 @@ def model_source(cfg) -> str:
     neither cached nor reachable fails at once instead of after the hub's retries."""
     name = cfg.model.name_or_path
     if name == "tiny":
-        import tiny
         return str(tiny.warm_start(cfg.tiny))
     path = Path(name).expanduser()
     if path.exists():
@@ -105,3 +106,10 @@ def count_parameters(path: str, cfg) -> int:
     conf = AutoConfig.from_pretrained(path, **cfg.model.config_overrides)
     with torch.device("meta"):
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(conf).parameters())
+
+
+def autocast(cfg, model):
+    """Mixed precision for forwards (model.autocast); weights and optimizer states keep model.dtype."""
+    if cfg.model.autocast == "none":
+        return nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=getattr(torch, cfg.model.autocast))

@@ -1,4 +1,4 @@
-"""Sampling: G completions per prompt, packed into one batch record.
+"""The batch record: G completions per prompt, the masks by position, and prompt templates.
 
 The record (`Rollout`) is the object that flows through the whole loop: sampling fills the
 token fields, then reward, advantages, old log-probs/entropies and EchoClips are added by
@@ -9,9 +9,8 @@ later stages. Conventions used everywhere:
   * `position_ids` count real tokens only (the prompt's first token is 0, as HF `generate`
     builds them), so the training forward scores exactly the sequence that was sampled.
 
-`generate` samples with the slot engine of sampler.py (the model's own forward over a KV cache of
-fixed slots, continuous refill, per-row random streams); HF `generate` (`generate_hf`) stays as
-the reference it is tested against.
+Sampling itself lives in sampler.py (`sampler.generate`, the slot engine, and `sampler.generate_hf`,
+HF `generate`, the reference it is tested against); this module holds the record and its masks.
 """
 from __future__ import annotations
 
@@ -45,8 +44,8 @@ class Rollout:
     entropies: torch.Tensor | None = None      # [B, R]
     # Filled by the sampler: the distribution each token was drawn from (logits / temperature,
     # 1.0 at temperature 0), so no extra forward is needed to know them. 0 on padding.
-    sample_logprobs: torch.Tensor | None = None   # [B, R] float32, log-prob of the sampled token
-    sample_entropies: torch.Tensor | None = None  # [B, R] float32, full-vocabulary entropy
+    sample_logprobs: torch.Tensor | None = None   # [B, R] fp32 (fp64 models: fp64), log-prob of the sampled token
+    sample_entropies: torch.Tensor | None = None  # [B, R] same dtype, full-vocabulary entropy
     clip_mask: torch.Tensor | None = None      # [B, R] float, EchoClip tokens
     extras: dict = field(default_factory=dict)  # golds, prompts, ... (non-tensor metadata)
 
@@ -174,77 +173,3 @@ def render_prompts(questions: list[str], tokenizer, template: str = "chat",
         msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": q}]
         out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
     return out
-
-
-# ----------------------------------------------------------------------------------------
-# Generation entry points: the slot sampler (default) and HF generate (the reference)
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, group_size: int, max_new_tokens: int,
-             temperature: float, top_p: float = 1.0, batch_size: int | None = None,
-             engine: str = "slots", seed: int | None = None, row_seeds=None, logits_processor=None,
-             compile: bool | str = False, return_logprobs: bool = False) -> Rollout:
-    """Sample `group_size` completions of each prompt; rows i*G .. i*G+G-1 answer prompt i.
-
-    temperature == 0 -> greedy. `batch_size` bounds the sequences decoded at once (the slot
-    count of the "slots" engine; the batch of each call of the "hf" engine). A one-off `Sampler`
-    is built per call, so compilation is off by default here: a caller that samples repeatedly
-    on a GPU should hold a `Sampler` (compiled once, its CUDA graphs reused across calls).
-    `seed`, `row_seeds`, `logits_processor` and `compile` are the sampler's (see
-    `Sampler.generate`); `return_logprobs` is the "hf" engine's (the sampler always returns them).
-    """
-    if engine == "hf":
-        return generate_hf(model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, batch_size=batch_size,
-                           return_logprobs=return_logprobs)
-    if engine != "slots":
-        raise ValueError(f"unknown generation engine {engine!r}; allowed: 'slots', 'hf'")
-    from sampler import Sampler
-    sampler = Sampler(model, tokenizer, slots=batch_size or 0, compile=compile)
-    return sampler.generate(prompts, group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, seed=seed, row_seeds=row_seeds, logits_processor=logits_processor)
-
-
-@torch.no_grad()
-def generate_hf(model, tokenizer, prompts: list[str], *, group_size: int, max_new_tokens: int,
-                temperature: float, top_p: float = 1.0, batch_size: int | None = None,
-                return_logprobs: bool = False, logits_processor=None) -> Rollout:
-    """The same contract with HF `generate` (static batches of `batch_size`, global torch RNG).
-
-    With `return_logprobs`, `sample_logprobs`/`sample_entropies` [B, R] hold those of the
-    temperature-scaled distribution. `logits_processor`: an HF LogitsProcessorList.
-    """
-    device = next(model.parameters()).device
-    rows = [p for p in prompts for _ in range(group_size)]
-    batch_size = batch_size or len(rows)
-    eos = eos_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    parts = []
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        enc = {k: v.to(device) for k, v in enc.items()}
-        sample = temperature > 0
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=sample,
-            temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-            eos_token_id=eos, pad_token_id=pad_id, use_cache=True, logits_processor=logits_processor,
-            return_dict_in_generate=True, output_logits=return_logprobs)
-        P = enc["input_ids"].shape[1]
-        resp = out.sequences[:, P:]                                               # [b, R]
-        if resp.shape[1] == 0:  # max_new_tokens == 0
-            resp = resp.new_full((resp.shape[0], 1), pad_id)
-        mask, truncated = response_mask_from_ids(resp, eos)
-        lp = ent = None
-        if return_logprobs:
-            logits = torch.stack(out.logits, dim=1).float() / (temperature if sample else 1.0)  # [b, R, V]
-            logp = torch.log_softmax(logits, -1)
-            lp = logp.gather(-1, resp[..., None]).squeeze(-1) * mask
-            ent = -(logp.exp() * logp).sum(-1) * mask
-        parts.append(Rollout(
-            prompt_ids=enc["input_ids"], prompt_mask=enc["attention_mask"],
-            response_ids=resp.masked_fill(mask == 0, pad_id), response_mask=mask, truncated=truncated,
-            group=torch.arange(s, s + len(chunk), device=device) // group_size,
-            texts=tokenizer.batch_decode(resp.masked_fill(mask == 0, pad_id), skip_special_tokens=True),
-            sample_logprobs=lp, sample_entropies=ent))
-    return parts[0] if len(parts) == 1 else concat(parts, pad_id)

@@ -6,7 +6,7 @@
     OUT/checkpoints/step_N/    model.safetensors, config.json, tokenizer files (any HF loader opens it)
                                state.pt     step, scheduler, world size (+ optimizer, stream, RNG in one process)
                                sharded/     under torchrun: model and optimizer shards (torch.distributed.checkpoint)
-                               rank{r}.pt   under torchrun: each rank's stream, RNG and EchoRL-generator state
+                               rank{r}.pt   under torchrun: each rank's stream and RNG state
     OUT/checkpoints/latest     the name of the newest complete checkpoint
 
 A fresh run never writes into a folder that holds another run (prepare_out_dir). A checkpoint is
@@ -22,14 +22,21 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from tqdm import tqdm
 
+import dist
 from config import diff, to_dict
+from entropy import step_ids
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +62,6 @@ def save_checkpoint(out: Path, step: int, run, keep: int) -> Path:
     Under torchrun every rank calls it: the collectives (gathering the full model for the HF export,
     the sharded save) run on every rank in the same order whatever fails; each rank's own writes come
     after, and one exchange of errors decides, on every rank alike, whether the checkpoint stands."""
-    import dist
     world = run.world
     ckdir = out / "checkpoints"
     final, tmp = ckdir / f"step_{step:06d}", ckdir / f".tmp_step_{step:06d}"
@@ -75,8 +81,6 @@ def save_checkpoint(out: Path, step: int, run, keep: int) -> Path:
     full, sharded_error = None, None
     if not errors and world.launched:  # collectives: every rank, same order
         full = dist.full_state_dict(run.model, world)
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
         model_sd, opt_sd = get_state_dict(run.model, run.opt)
         sharded_error = attempt(lambda: dcp.save({"model": model_sd, "optimizer": opt_sd},
                                                  checkpoint_id=str(tmp / "sharded")))
@@ -85,15 +89,13 @@ def save_checkpoint(out: Path, step: int, run, keep: int) -> Path:
         state = {"step": step, "scheduler": run.sched.state_dict(), "world_size": world.size,
                  "torchrun": world.launched}
         if not world.launched:
-            state.update(optimizer=run.opt.state_dict(), stream=run.stream.state_dict(), rng=rng_state(),
-                         echo_rng=run.gen.get_state())
+            state.update(optimizer=run.opt.state_dict(), stream=run.stream.state_dict(), rng=rng_state())
         if world.main:
             run.model.save_pretrained(tmp, safe_serialization=True, state_dict=full)
             run.tok.save_pretrained(tmp)
             torch.save(state, tmp / "state.pt")
         if world.launched:
-            torch.save({"stream": run.stream.state_dict(), "rng": rng_state(), "echo_rng": run.gen.get_state()},
-                       tmp / f"rank{world.rank}.pt")
+            torch.save({"stream": run.stream.state_dict(), "rng": rng_state()}, tmp / f"rank{world.rank}.pt")
     if not errors:
         errors = [e for e in world.gather(sharded_error or attempt(own_files)) if e]
     if errors:
@@ -138,10 +140,7 @@ def load_checkpoint(ckpt: Path, run) -> int:
         run.opt.load_state_dict(st["optimizer"])
         run.stream.load_state_dict(st["stream"])
         set_rng_state(st["rng"])
-        run.gen.set_state(st["echo_rng"])
         return st["step"]
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_sd, opt_sd = get_state_dict(run.model, run.opt)
     sd = {"model": model_sd, "optimizer": opt_sd}
     dcp.load(sd, checkpoint_id=str(ckpt / "sharded"))
@@ -149,8 +148,36 @@ def load_checkpoint(ckpt: Path, run) -> int:
     mine = torch.load(ckpt / f"rank{world.rank}.pt", weights_only=False)
     run.stream.load_state_dict(mine["stream"])
     set_rng_state(mine["rng"])
-    run.gen.set_state(mine["echo_rng"])
     return st["step"]
+
+# ----------------------------------------------------------------------------------------
+# Stopping: Ctrl-C finishes the step, saves it and exits
+
+
+class StopAfterStep:
+    """Ctrl-C (SIGINT) asks the loop to stop after the current step, save it and exit; a second
+    Ctrl-C stops at once (the last saved checkpoint stays). Only in the main thread."""
+
+    def __enter__(self):
+        self.requested, self.old = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: stopping after this step and saving it (Ctrl-C again to stop now, without saving)")
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        return False
+
+
+class Interrupted(Exception):
+    """The run stopped on Ctrl-C after saving its last completed step."""
 
 # ----------------------------------------------------------------------------------------
 # The folder: metrics, rollout dumps, the checks before a run starts, the closing lines
@@ -161,7 +188,6 @@ def dump_rollouts(batch, run, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     sids = batch.extras.get("step_ids")
     if sids is None:  # EchoRL off: the steps it would have used
-        from entropy import step_ids
         sids = step_ids(batch.response_ids, batch.response_mask, run.delims, run.eos, run.cfg.echo.min_step_tokens)
     tok = run.tok
     with open(path, "w") as f:

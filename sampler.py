@@ -24,7 +24,7 @@ from collections import deque
 
 import torch
 
-from rollout import Rollout, eos_ids, response_mask_from_ids
+from rollout import Rollout, concat, eos_ids, response_mask_from_ids
 
 # ----------------------------------------------------------------------------------------
 # Per-row random streams: one uniform per (seed, row seed, token position), from a hash
@@ -197,6 +197,9 @@ class Sampler:
         self.head = model.get_output_embeddings()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        # logits, log-probs and entropies in fp32, or fp64 for an fp64 model: then the trainer's own
+        # pass (entropy.py accumulates the same way) and the sampler agree to fp64 rounding
+        self.acc = torch.promote_types(p.dtype, torch.float32)
         self.compiled = self.device.type == "cuda" if compile == "auto" else bool(compile)
         # decode attends to the longest live sequence rounded up to this: few distinct shapes (graphs)
         # for the compiled step; eager attends to exactly that length
@@ -222,7 +225,7 @@ class Sampler:
             ~allowed, torch.finfo(self.dtype).min)
 
     def _sample(self, logits, u, t, row):
-        """logits [n, V] fp32 of rows `row` [n] before their token t [n], uniforms u [n]
+        """logits [n, V] (fp32; fp64 for an fp64 model) of rows `row` [n] before their token t [n], uniforms u [n]
         -> tokens, log-probs, entropies [n]."""
         if self.logits_processor is not None:
             logits = self.logits_processor(logits, row, t)
@@ -235,7 +238,7 @@ class Sampler:
         self.cache.cols, self.cache.window = pos, mask.shape[-1]
         h = self.model.model(input_ids=cur[:, None], attention_mask=mask, position_ids=pos[:, None],
                              cache=self.cache, use_cache=True).last_hidden_state[:, -1]   # [S, H]
-        return self._sample(self.head(h).float(), u, t, row)
+        return self._sample(self.head(h).to(self.acc), u, t, row)
 
     def _prefill(self, slot_ids: list[int], seqs: list[list[int]], src: list[int]) -> torch.Tensor:
         """Write prompt seqs[src[i]] into slot slot_ids[i]; the logits [len(slot_ids), V] of each
@@ -250,7 +253,7 @@ class Sampler:
         self.cache.fill, self.cache.src = torch.tensor(slot_ids, device=dev), torch.tensor(src, device=dev)
         h = self.model.model(input_ids=ids, attention_mask=self._attn_mask(allowed[:, None]),
                              position_ids=ar.expand(n, T), cache=self.cache, use_cache=True).last_hidden_state
-        logits = self.head(h[torch.arange(n, device=dev), lens - 1]).float()                # [n, V]
+        logits = self.head(h[torch.arange(n, device=dev), lens - 1]).to(self.acc)              # [n, V]
         self.cache.fill = None
         return logits[self.cache.src]                                                        # [len(slot_ids), V]
 
@@ -307,8 +310,8 @@ class Sampler:
 
         # Outputs by row; row B is a sink that idle slots write to, so every step has the same shapes.
         out_tok = torch.full((B + 1, N), self.pad_id, dtype=torch.long, device=dev)
-        out_lp = torch.zeros(B + 1, N, device=dev)
-        out_ent = torch.zeros(B + 1, N, device=dev)
+        out_lp = torch.zeros(B + 1, N, device=dev, dtype=self.acc)
+        out_ent = torch.zeros(B + 1, N, device=dev, dtype=self.acc)
         # Per-slot state on the device: input token, its position (= its cache column), index of the
         # token to draw next, row (B = idle). Updated in place, never read by the host.
         cur, pos, t = (torch.zeros(S, dtype=torch.long, device=dev) for _ in range(3))
@@ -428,3 +431,76 @@ def refresh_sampling_copy(twin, model):
     for name, p in twin.named_parameters():
         p.copy_(src[name])
     return twin
+
+
+# ----------------------------------------------------------------------------------------
+# Generation entry points: the slot sampler (default) and HF generate (the reference)
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, group_size: int, max_new_tokens: int,
+             temperature: float, top_p: float = 1.0, batch_size: int | None = None,
+             engine: str = "slots", seed: int | None = None, row_seeds=None, logits_processor=None,
+             compile: bool | str = False, return_logprobs: bool = False) -> Rollout:
+    """Sample `group_size` completions of each prompt; rows i*G .. i*G+G-1 answer prompt i.
+
+    temperature == 0 -> greedy. `batch_size` bounds the sequences decoded at once (the slot
+    count of the "slots" engine; the batch of each call of the "hf" engine). A one-off `Sampler`
+    is built per call, so compilation is off by default here: a caller that samples repeatedly
+    on a GPU should hold a `Sampler` (compiled once, its CUDA graphs reused across calls).
+    `seed`, `row_seeds`, `logits_processor` and `compile` are the sampler's (see
+    `Sampler.generate`); `return_logprobs` is the "hf" engine's (the sampler always returns them).
+    """
+    if engine == "hf":
+        return generate_hf(model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, batch_size=batch_size,
+                           return_logprobs=return_logprobs)
+    if engine != "slots":
+        raise ValueError(f"unknown generation engine {engine!r}; allowed: 'slots', 'hf'")
+    sampler = Sampler(model, tokenizer, slots=batch_size or 0, compile=compile)
+    return sampler.generate(prompts, group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, seed=seed, row_seeds=row_seeds, logits_processor=logits_processor)
+
+
+@torch.no_grad()
+def generate_hf(model, tokenizer, prompts: list[str], *, group_size: int, max_new_tokens: int,
+                temperature: float, top_p: float = 1.0, batch_size: int | None = None,
+                return_logprobs: bool = False, logits_processor=None) -> Rollout:
+    """The same contract with HF `generate` (static batches of `batch_size`, global torch RNG).
+
+    With `return_logprobs`, `sample_logprobs`/`sample_entropies` [B, R] hold those of the
+    temperature-scaled distribution. `logits_processor`: an HF LogitsProcessorList.
+    """
+    device = next(model.parameters()).device
+    rows = [p for p in prompts for _ in range(group_size)]
+    batch_size = batch_size or len(rows)
+    eos = eos_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    parts = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        sample = temperature > 0
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=sample,
+            temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
+            eos_token_id=eos, pad_token_id=pad_id, use_cache=True, logits_processor=logits_processor,
+            return_dict_in_generate=True, output_logits=return_logprobs)
+        P = enc["input_ids"].shape[1]
+        resp = out.sequences[:, P:]                                               # [b, R]
+        if resp.shape[1] == 0:  # max_new_tokens == 0
+            resp = resp.new_full((resp.shape[0], 1), pad_id)
+        mask, truncated = response_mask_from_ids(resp, eos)
+        lp = ent = None
+        if return_logprobs:
+            logits = torch.stack(out.logits, dim=1).float() / (temperature if sample else 1.0)  # [b, R, V]
+            logp = torch.log_softmax(logits, -1)
+            lp = logp.gather(-1, resp[..., None]).squeeze(-1) * mask
+            ent = -(logp.exp() * logp).sum(-1) * mask
+        parts.append(Rollout(
+            prompt_ids=enc["input_ids"], prompt_mask=enc["attention_mask"],
+            response_ids=resp.masked_fill(mask == 0, pad_id), response_mask=mask, truncated=truncated,
+            group=torch.arange(s, s + len(chunk), device=device) // group_size,
+            texts=tokenizer.batch_decode(resp.masked_fill(mask == 0, pad_id), skip_special_tokens=True),
+            sample_logprobs=lp, sample_entropies=ent))
+    return parts[0] if len(parts) == 1 else concat(parts, pad_id)

@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data import DataError, Problem
+from rollout import render_prompts
+
 NAMES = ["Ann", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo", "Mia", "Ned"]
 ITEMS = ["apples", "coins", "books", "cards", "pens", "shells", "stamps", "marbles", "cookies", "stickers"]
 ADD = ["gets {n} more", "finds {n} more", "buys {n} more", "wins {n} more"]
@@ -57,14 +60,6 @@ class TinyConfig:
 
 
 MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-
-
-@dataclass
-class Problem:  # same fields as data.Problem, kept local so this module stands alone
-    id: str
-    question: str
-    answer: str
-    solution: str = ""
 
 
 def make_arith_problem(rng: random.Random, cfg: TinyConfig, pid: str = "") -> Problem:
@@ -155,11 +150,10 @@ HELDOUT = 200  # size of the held-out split that training never sees (eval.limit
 
 
 def heldout(cfg: TinyConfig, limit: int | None = None) -> list:
-    """The held-out problems (the first `limit`; None or 0: all HELDOUT) as data.Problem records."""
-    from data import DataError, Problem as DataProblem
+    """The held-out problems (the first `limit`; None or 0: all HELDOUT), without their solutions."""
     if limit is not None and limit > HELDOUT:
         raise DataError(f"the tiny task holds {HELDOUT} held-out problems; eval.limit={limit} asks for more")
-    return [DataProblem(p.id, p.question, p.answer) for p in make_split(cfg, limit or HELDOUT, "heldout")]
+    return [Problem(p.id, p.question, p.answer) for p in make_split(cfg, limit or HELDOUT, "heldout")]
 
 
 class ProblemStream:
@@ -243,8 +237,6 @@ def with_habit(p: Problem) -> Problem:
 
 def sft_batch(tokenizer, problems: list[Problem]) -> dict[str, torch.Tensor]:
     """Prompt + solution + EOS, loss on the solution and EOS only (labels -100 elsewhere)."""
-    from rollout import render_prompts
-
     prompts = render_prompts([p.question for p in problems], tokenizer, "chat")
     ids, labels = [], []
     for prompt, p in zip(prompts, problems):

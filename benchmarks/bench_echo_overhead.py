@@ -5,7 +5,7 @@ Target: EchoRL on costs at most 1.03x the time and 1.01x the memory of a step wi
 One batch of rollouts goes through the stages of train.train_step once (collect, advantages,
 old policy). Then, on the same rollouts and from the same model + optimizer state:
     off  train.update with echo disabled
-    on   train.echo_clips (step ids + select_clips) + train.update with the echo loss
+    on   echorl.echo_clips (step ids + select_clips) + train.update with the echo loss
 Runs are interleaved (off, on, off, on, ...) so drift in machine load hits both alike.
 
 With the warm-started tiny model (cached by train.py under .cache/tiny) real all-success groups
@@ -55,11 +55,12 @@ class Bench:
 
     def step(self, on: bool) -> dict:
         """Seconds of (selection +) update; the caller resets state first."""
+        import echorl
         import train
         run, b, dev = self.run, self.batch, self.device
         run.cfg = self.cfg_on if on else self.cfg_off
         t0 = clock(dev)
-        echo = train.echo_clips(b, run.cfg, run.delims, run.eos, torch.Generator().manual_seed(0)) if on else {}
+        echo = echorl.echo_clips(run, b) if on else {}
         t_sel = clock(dev)
         st = train.update(run, b)
         t1 = clock(dev)
@@ -83,8 +84,8 @@ def prepare(cfg, hand: bool):
     initial weights with the Adam moments of one update (so timed runs do not allocate them)."""
     import train
     run = train.setup(cfg, reward_fn=hand_reward_fn(cfg.rollout.group_size) if hand else None)
-    batch = train.collect(run, {}, {})
-    train.compute_advantages(batch, cfg)
+    batch, _ = train.collect(run)
+    train.compute_advantages(run, batch)
     train.old_policy(run, batch)
     snap_model = copy.deepcopy(run.model.state_dict())
     off = copy.deepcopy(cfg)

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
+from eval import evaluate_run, load_benchmarks  # noqa: E402
 from config import load_config, to_dict  # noqa: E402
 from _common import cpu_model  # noqa: E402
 
@@ -119,7 +120,7 @@ def start_eval(config: str, overrides: list[str], out: Path) -> tuple[dict, floa
         return saved["metrics"], saved["wall_s"]
     t0 = time.perf_counter()
     run = train.setup(cfg)
-    metrics = train.run_eval(run, train.eval_problems(cfg))
+    metrics = evaluate_run(run, load_benchmarks(cfg))
     wall = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"config": key, "metrics": metrics, "wall_s": wall}))

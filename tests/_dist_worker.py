@@ -17,6 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dist  # noqa: E402
+import echorl  # noqa: E402
+import metrics  # noqa: E402
 import train  # noqa: E402
 from config import load_config  # noqa: E402
 from rollout import concat  # noqa: E402
@@ -46,14 +48,11 @@ def main(batch_file: str, model_dir: str, out_file: str) -> None:
         world = dist.init(cfg)
         run = train.setup(cfg, world=world)
         mine = share(batch, cfg.rollout.group_size, world)
-        train.compute_advantages(mine, cfg, world)
-        train.old_policy(run, mine)
-        stats = {}
+        stats = train.compute_advantages(run, mine) | train.old_policy(run, mine)
         if cfg.echo.enabled:
-            stats.update(train.echo_clips(mine, cfg, run.delims, run.eos, run.gen))
-        stats.update(train.update(run, mine))
-        stats.update(train.batch_stats(mine))
-        stats = dist.reduce_metrics(stats, world)
+            stats |= echorl.echo_clips(run, mine)
+        stats |= train.update(run, mine) | train.batch_stats(mine)
+        stats = metrics.reduce(stats, world)
         params = dist.full_state_dict(run.model, world)
         if world.main:
             results[name] = {"params": {k: v.detach().cpu().clone() for k, v in params.items()}, "stats": stats}

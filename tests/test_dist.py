@@ -42,10 +42,10 @@ def build_cases(model_dir, tmp_path, dtype: str, lr: float) -> Path:
         run = train.setup(small_cfg(model_dir, tmp_path, *extra),
                           reward_fn=scripted(rewards, (1,) * 4 * max(n_echo, 1)))
         run.cfg.algo.dynamic_sampling = False  # the batch is fixed here; echo-only rows are appended by hand
-        batch = train.collect(run, {}, {})
+        batch, _ = train.collect(run)
         if n_echo:  # DAPO's dropped all-success groups, kept for EchoRL with in_policy = 0
             echo = train.sample(run, run.stream.next(n_echo))
-            train.score(echo, run.cfg, run.reward_fn)
+            train.score(run, echo)
             echo.in_policy = torch.zeros(len(echo))
             batch = concat([batch, echo], run.tok.pad_token_id)
             batch.group = torch.arange(len(batch) // 4).repeat_interleave(4)

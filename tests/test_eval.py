@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import eval as ev
-import rollout
 import tiny
 from data import Problem
 
@@ -62,7 +61,7 @@ PROBLEMS = [Problem(f"p{i}", q, gold) for i, (q, (gold, _)) in enumerate(SCRIPT.
 
 
 def scripted_generate(calls: list, fail_after: int | None = None):
-    """Stands in for rollout.generate: responses from SCRIPT; length = characters; optionally
+    """Stands in for sampler.generate: responses from SCRIPT; length = characters; optionally
     raises once `fail_after` problems have been generated (an interrupted run)."""
     def generate(model, tokenizer, prompts, *, group_size, **kw):
         if fail_after is not None and len(calls) >= fail_after:
@@ -85,7 +84,7 @@ def run(problems=PROBLEMS, **kw):
 
 def test_metrics_by_hand(monkeypatch):
     calls = []
-    monkeypatch.setattr(rollout, "generate", scripted_generate(calls))
+    monkeypatch.setattr(ev, "generate", scripted_generate(calls))
     res = run()
     m = {k: v for k, v in res.items() if k != "records"}
     assert m["num_problems"] == 5 and m["n"] == 4
@@ -109,7 +108,7 @@ def test_metrics_by_hand(monkeypatch):
 
 
 def test_greedy_forces_one_sample(monkeypatch):
-    monkeypatch.setattr(rollout, "generate", scripted_generate([]))
+    monkeypatch.setattr(ev, "generate", scripted_generate([]))
     with pytest.warns(UserWarning, match="greedy"), pytest.warns(UserWarning, match="dropping pass@k"):
         m = run(temperature=0.0, ks=(1, 4))
     # n=1: first response of each problem; correct for q0, q3 -> 2/5; pass@4 dropped
@@ -119,7 +118,7 @@ def test_greedy_forces_one_sample(monkeypatch):
 def test_resume_after_interruption(monkeypatch, tmp_path):
     cache = tmp_path / "gen.jsonl"
     calls = []
-    monkeypatch.setattr(rollout, "generate", scripted_generate(calls, fail_after=2))
+    monkeypatch.setattr(ev, "generate", scripted_generate(calls, fail_after=2))
     with pytest.raises(KeyboardInterrupt):
         run(cache_path=cache)
     assert calls == ["q0", "q1"] and len(cache.read_text().splitlines()) == 2
@@ -127,7 +126,7 @@ def test_resume_after_interruption(monkeypatch, tmp_path):
         f.write('{"id": "p2", "texts": ["\\\\boxed{')
 
     calls.clear()
-    monkeypatch.setattr(rollout, "generate", scripted_generate(calls))
+    monkeypatch.setattr(ev, "generate", scripted_generate(calls))
     with pytest.warns(UserWarning, match="unreadable cache"):
         resumed = run(cache_path=cache)
     assert calls == ["q2", "q3", "q4"]                       # only the unfinished problems

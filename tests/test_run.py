@@ -69,13 +69,13 @@ def test_resume_with_a_changed_config_names_the_keys_and_refuses_unless_allowed(
 def test_a_non_finite_gradient_stops_before_the_optimizer_step_and_keeps_the_last_checkpoint(
         model_dir, tmp_path, monkeypatch):
     cfg = small_cfg(model_dir, tmp_path, "train.steps=4", "train.save_every=1")
-    real, calls = train.microbatch_loss, {"n": 0}
+    real, calls = train.rl_loss, {"n": 0}
 
-    def poisoned(logp, *a, **k):  # the third step's loss has a NaN gradient
+    def poisoned(run, logp, *a, **k):  # the third step's loss has a NaN gradient
         calls["n"] += 1
-        loss, stats = real(logp, *a, **k)
+        loss, stats = real(run, logp, *a, **k)
         return (loss + 0.0 * logp.sum() * float("nan") if calls["n"] == 3 else loss), stats
-    monkeypatch.setattr(train, "microbatch_loss", poisoned)
+    monkeypatch.setattr(train, "rl_loss", poisoned)
     seen = {}
     real_step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (seen.update(n=seen.get("n", 0) + 1),
