@@ -13,11 +13,13 @@ Under torchrun every process (rank) holds:
   * a full, unsharded copy of the policy for sampling (sampler.sampling_copy), refreshed after each
     step's update (all its optimizer steps) by gathering each layer once (`refresh_copy`): generation never all-gathers per
     token, and each rank can stop generating when its own rows are done;
-  * its own share of the step's prompts, whole groups (`RankShare`), so group advantages stay local.
+  * its own share of the step's prompts, whole groups (`RankShare`), so group advantages stay local;
+    DAPO's refill decides which groups to keep over the global order of the groups (train.collect),
+    so N ranks keep the groups one process keeps.
 Every quantity the loss divides by is summed over ranks (`World.sum`), so N ranks holding B/N rows
 take the same optimizer step as one process holding all B rows (tests/test_dist.py). With
-train.mini_batches = k > 1 each rank splits its own rows into k parts, so mini-batch j holds every
-rank's j-th part: the steps of one process whose rows come in that order.
+train.mini_batches = k > 1, mini-batch j holds the groups whose index in the step's global order is
+j mod k (rollout.mini_batch_rows), on whichever rank they are: one process forms the same ones.
 """
 from __future__ import annotations
 
@@ -123,6 +125,16 @@ def init(cfg) -> World:
                  device=torch.device("cuda", world.local_rank) if backend == "nccl" else torch.device("cpu"))
 
 
+def even_out(slices: list[list], world: World) -> list[list]:
+    """Under torchrun, pad this rank's mini-batches (and each one's micro-batches) with None up to the
+    most any rank has: FSDP gathers weights in every forward and reduces gradients in every backward,
+    so all ranks must run as many. In one process: the slices unchanged."""
+    if world.size == 1:
+        return slices
+    slices = slices + [[] for _ in range(int(world.max(len(slices))) - len(slices))]
+    return [mini + [None] * (int(world.max(len(mini))) - len(mini)) for mini in slices]
+
+
 def abandon(world: World) -> None:
     """Leave the process group after an error, without the barrier: the other ranks may never reach it."""
     if world.launched and torch_dist.is_initialized():
@@ -222,13 +234,15 @@ def full_state_dict(model: torch.nn.Module, world: World) -> dict | None:
 class RankShare:
     """A rank's share of a problem stream: every rank draws the same global sequence (same seed) and
     keeps its own contiguous slice, so shares are distinct, reproducible, and together equal the
-    one-process stream. All ranks must call `next` with the same n."""
+    one-process stream. `next(n)` draws n problems globally (all ranks call it with the same n);
+    rank r keeps problems [n r / W, n (r + 1) / W)."""
 
     def __init__(self, stream, world: World):
         self.stream, self.world = stream, world
 
     def next(self, n: int) -> list:
-        return self.stream.next(n * self.world.size)[self.world.rank * n:(self.world.rank + 1) * n]
+        lo, hi = (n * r // self.world.size for r in (self.world.rank, self.world.rank + 1))
+        return self.stream.next(n)[lo:hi]
 
     def state_dict(self):
         return self.stream.state_dict()

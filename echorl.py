@@ -86,7 +86,7 @@ def select_clips(correct: torch.Tensor, group: torch.Tensor, response_mask: torc
     if cfg.clips_per_group == "1":
         # One rollout per group: the one whose peak step is hardest (earliest row on ties).
         score = peak_h.masked_fill(~eligible, float("-inf"))
-        g_best = torch.full((n_groups,), float("-inf"), device=dev).scatter_reduce(0, g, score, "amax")
+        g_best = torch.full((n_groups,), float("-inf"), device=dev, dtype=score.dtype).scatter_reduce(0, g, score, "amax")
         cand = eligible & (score == g_best[g])
         rows = torch.arange(B, device=dev).masked_fill(~cand, B)
         g_first = torch.full((n_groups,), B, device=dev).scatter_reduce(0, g, rows, "amin")
@@ -113,9 +113,10 @@ def _stats(clip, chosen, valid, all_success, g, n_groups, k, n_steps, step_h, en
     if n_deg:  # undefined without all-success groups: the key is left out
         out["echo/clip_group_share"] = Mean(float((groups_with_clip & degenerate_groups).sum()) / n_deg, n_deg)
     if n:
-        c, vf = clip[chosen].float(), valid[chosen].float()
-        kk, ns = k[chosen].float(), n_steps[chosen].float()
-        ent = entropies[chosen].float()
+        acc = step_h.dtype  # fp32, or fp64 for fp64 entropies
+        c, vf = clip[chosen].to(acc), valid[chosen].to(acc)
+        kk, ns = k[chosen].to(acc), n_steps[chosen].to(acc)
+        ent = entropies[chosen].to(acc)
         per_clip = {
             "echo/clip_tokens": c.sum(-1).mean(),
             "echo/clip_frac": (c.sum(-1) / vf.sum(-1).clamp_min(1)).mean(),

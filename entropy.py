@@ -183,13 +183,14 @@ def step_reduce(values: torch.Tensor, sids: torch.Tensor, reduce: str = "mean") 
     S = max(int(sids.amax()) + 1, 1) if sids.numel() else 1
     valid = sids >= 0
     idx = sids.clamp_min(0)
-    count = torch.zeros(B, S, device=values.device).scatter_add_(1, idx, valid.float())
-    v = values.float().masked_fill(~valid, 0.0)
+    acc = _acc(values.dtype)  # fp32, or fp64 for fp64 entropies
+    count = torch.zeros(B, S, device=values.device, dtype=acc).scatter_add_(1, idx, valid.to(acc))
+    v = values.to(acc).masked_fill(~valid, 0.0)
     if reduce == "max":
-        out = torch.full((B, S), float("-inf"), device=values.device)
+        out = torch.full((B, S), float("-inf"), device=values.device, dtype=acc)
         out = out.scatter_reduce(1, idx, v.masked_fill(~valid, float("-inf")), "amax")
     else:
-        out = torch.zeros(B, S, device=values.device).scatter_add_(1, idx, v)
+        out = torch.zeros(B, S, device=values.device, dtype=acc).scatter_add_(1, idx, v)
         if reduce == "mean":
             out = out / count.clamp_min(1)
     return out.masked_fill(count == 0, float("-inf"))

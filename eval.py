@@ -27,7 +27,6 @@ import json
 import math
 import re
 import warnings
-import zlib
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -42,7 +41,7 @@ import tiny
 from config import Config, from_dict, load_config
 from data import Problem
 from models import autocast, load_model, rollout_dtype
-from sampler import Sampler, generate
+from sampler import Sampler, generate, row_seed
 
 DEFAULT_BENCHMARKS = "math500,gsm8k,aime24,amc23,minerva_math,olympiadbench"
 
@@ -209,11 +208,6 @@ def evaluate(model, tokenizer, problems: list[Problem], *, n: int = 1, temperatu
     records = [score_problem(p, done[p.id]["texts"], done[p.id]["lengths"], done[p.id]["truncated"])
                for p in problems]
     return {**summarize(records, n, ks), "records": records}
-
-
-def row_seed(problem_id: str, sample: int) -> int:
-    """A stable 31-bit key of (problem, sample index): crc32, not hash(), which changes per process."""
-    return zlib.crc32(f"{problem_id}\x00{sample}".encode()) & 0x7FFFFFFF
 
 
 # ---------------------------------------------------------------------------------------------

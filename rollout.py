@@ -173,3 +173,63 @@ def render_prompts(questions: list[str], tokenizer, template: str = "chat",
         msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": q}]
         out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# Mini-batches and micro-batches: which rows each optimizer step and each forward takes
+
+
+def micro_batches(n: int, size: int) -> list[torch.Tensor]:
+    return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def global_groups(batch: Rollout) -> torch.Tensor:
+    """[B] each row's group index in the step's global order, counted apart for policy rows and for
+    rows outside the policy loss (train.collect records it; a hand-built batch numbers its own)."""
+    if "global_group" in batch.extras:
+        return torch.as_tensor(batch.extras["global_group"], dtype=torch.long)
+    pol = (batch.in_policy > 0).cpu()
+    _, dense = torch.unique(batch.group.cpu(), return_inverse=True)
+    out = torch.empty(len(batch), dtype=torch.long)
+    for flag in (True, False):
+        rows = pol == flag
+        if rows.any():
+            out[rows] = torch.unique(dense[rows], return_inverse=True)[1]
+    return out
+
+
+def mini_batch_rows(in_policy: torch.Tensor, gid: torch.Tensor, k: int, total=None
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(policy rows, echo-only rows) of each of the (at most) k mini-batches.
+
+    Policy group g (gid: its index in the step's global order) goes to mini-batch g mod k, so one
+    process and N ranks (each holding some of the groups) form the same mini-batches. Echo-only rows
+    (in_policy = 0: DAPO's dropped all-correct groups kept for EchoRL) are split apart from the policy
+    rows, over the mini-batches that hold policy rows (all k if none does): each mini-batch holds the
+    policy rows it holds with EchoRL off, and no echo-only extra step. Mini-batches empty on every
+    rank are left out. `total` sums a tensor over ranks (World.sum; None: one process)."""
+    total = total or (lambda x: x)
+    pol, gid = (in_policy > 0).cpu(), gid.cpu()
+    per = total(torch.bincount(gid[pol] % k, minlength=k).double())                 # [k] policy rows
+    live = torch.nonzero(per > 0).squeeze(-1)
+    targets = live if len(live) else torch.arange(k)
+    piece = torch.where(pol, gid % k, targets[gid % len(targets)])                # [B]
+    rows = torch.arange(len(pol))
+    if not len(live):
+        per = total(torch.bincount(piece, minlength=k).double())
+    return [(rows[pol & (piece == j)], rows[~pol & (piece == j)]) for j in range(k) if per[j] > 0]
+
+
+def update_slices(batch: Rollout, k: int, size: int, keep: torch.Tensor | None = None, total=None
+                  ) -> list[list[torch.Tensor]]:
+    """Row indices of each mini-batch's micro-batches (of `size` rows), in update order: the policy
+    rows' micro-batches, then the echo-only rows'. The old-policy pass uses the same slices, so the
+    first update sees bit-identical log-probs (ratio == 1 exactly). `keep` (bool [B]): the echo-only
+    rows worth a forward in the update, those holding clip tokens (the others feed neither loss)."""
+    out = []
+    keep = keep.cpu() if keep is not None else None
+    for pol, echo in mini_batch_rows(batch.in_policy, global_groups(batch), k, total):
+        if keep is not None:
+            echo = echo[keep[echo]]
+        out.append([pol[i] for i in micro_batches(len(pol), size)] + [echo[i] for i in micro_batches(len(echo), size)])
+    return out

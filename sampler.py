@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
+import zlib
 from collections import deque
 
 import torch
@@ -46,6 +47,13 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 15)
     x = _mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
+
+
+def row_seed(key: str, sample: int) -> int:
+    """A stable 31-bit row seed of (a problem's id, a sample index): crc32, not hash(), which changes
+    per process. Training and evaluation key their rows on it, so a row draws the same tokens in one
+    process or on any rank, in any batch."""
+    return zlib.crc32(f"{key}\x00{sample}".encode()) & 0x7FFFFFFF
 
 
 def row_keys(seed: int, row_seeds: torch.Tensor) -> torch.Tensor:

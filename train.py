@@ -40,16 +40,16 @@ import reward
 import tiny
 from config import Config, ConfigError, load_config, to_dict
 from data import DataError, ListStream, load_problems
-from dist import World
+from dist import World, even_out
 from entropy import delimiter_table, response_logprobs
 from eval import evaluate_run, load_benchmarks
 from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss, tis_weights
 from metrics import Max, Mean, Sum
 from models import autocast, count_parameters, load_policy, model_source, resolve_device, rollout_dtype
-from rollout import Rollout, concat, eos_ids, render_prompts
+from rollout import Rollout, concat, eos_ids, render_prompts, update_slices
 from runs import (CheckpointError, Interrupted, Logger, RunFolderError, StopAfterStep, dump_rollouts,
                   latest_checkpoint, load_checkpoint, prepare_out_dir, python_cmd, save_checkpoint, summary)
-from sampler import Sampler, generate_hf, refresh_sampling_copy, sampling_copy
+from sampler import Sampler, generate_hf, refresh_sampling_copy, row_seed, sampling_copy
 
 RewardFn = Callable[[list[str], list[str]], list[float]]  # (responses, golds) -> rewards; 1.0 = verified correct
 
@@ -104,7 +104,7 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
     probe = probing(run, batch)
     if probe:
         with timer(stats, "time/probe"):
-            first = update_slices(batch.in_policy, run.cfg, echorl.rows_to_update(batch))[0]
+            first = slices_of(run, batch, echorl.rows_to_update(batch))[0]
             stats |= echorl.probe_gradients(run, batch, first, forward, rl_loss)
     with timer(stats, "time/update"):
         stats |= update(run, batch)
@@ -125,12 +125,13 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
 def sample(run: Run, problems: list, seed: int = 0) -> Rollout:
     """G responses per problem (rows i*G .. i*G+G-1 answer problem i), with the sampler's log-probs
     and entropies of every token; golds, prompts and row keys ("problem id/j") in extras.
-    Row b draws from its own random stream keyed on (seed, b)."""
+    Row (problem p, sample j) draws from its own random stream keyed on (seed, p.id, j)."""
     cfg, rc = run.cfg, run.cfg.rollout
     prompts = render_prompts([p.question for p in problems], run.tok, cfg.data.template, cfg.data.system_prompt)
     kw = dict(group_size=rc.group_size, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p)
     if run.sampler is not None:
-        batch = run.sampler.generate(prompts, seed=seed, **kw)
+        batch = run.sampler.generate(prompts, seed=seed, row_seeds=[row_seed(p.id, j) for p in problems
+                                                                     for j in range(rc.group_size)], **kw)
         batch.extras["sampler_stats"] = dict(run.sampler.stats)
     else:  # HF generate, the reference engine: the global torch RNG, autocast as the config asks
         model = run.sampling_weights or run.model
@@ -164,17 +165,18 @@ def score(run: Run, batch: Rollout) -> dict:
 
 def collect(run: Run) -> tuple[Rollout, dict]:
     """Sample + score one step's batch (this rank's share of the prompts). With dynamic sampling
-    (DAPO), groups with equal rewards are dropped and refilled from new prompts (at most
-    `max_sampling_rounds` extra rounds; every rank runs the same rounds and draws the same number
-    of prompts per round). Policy groups come first, then EchoRL's echo-only groups (in_policy = 0)."""
+    (DAPO), groups with equal rewards are dropped and refilled from new prompts, at most
+    `max_sampling_rounds` extra rounds. Which groups to keep is decided over the global order of the
+    groups (every rank's, rank by rank), so N ranks draw and keep what one process would; a rank
+    may then hold more policy groups than another. Policy groups come first, then EchoRL's
+    echo-only groups (in_policy = 0); extras["global_group"] numbers each in the global order."""
     cfg, world, stats = run.cfg, run.world, {}
-    G, n_want = cfg.rollout.group_size, cfg.rollout.prompts_per_step // world.size
-    kept, echo_only, n_kept, n_echo = [], [], 0, 0
-    rows = lambda gmask: torch.nonzero(gmask.repeat_interleave(G)).squeeze(-1)
+    G, want = cfg.rollout.group_size, cfg.rollout.prompts_per_step
+    kept, echo_only, n_kept, n_echo = [], [], 0, 0                                 # counts: global
     rounds = 1 + (cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 0)
     for r in range(rounds):
-        n_draw = n_want if r == 0 else int(world.max(n_want - n_kept))   # a rank that is full draws and skips
-        problems, batch = run.stream.next(n_draw)[:n_want - n_kept], None
+        problems = run.stream.next(want - n_kept)   # this rank's share of the round's global draw
+        batch = None
         if problems:
             with timer(stats, "time/generate"):
                 batch = sample(run, problems, seed=step_seed(run, r))
@@ -185,22 +187,25 @@ def collect(run: Run) -> tuple[Rollout, dict]:
             first = batch
             stats |= group_stats(batch.correct, batch.rewards, G)
         if not cfg.algo.dynamic_sampling:
+            n_groups = world.gather(len(batch) // G)
+            batch.extras["global_group"] = [sum(n_groups[:world.rank]) + i // G for i in range(len(batch))]
             kept.append(batch)
             break
-        if batch is not None:
-            live = ~constant_groups(batch.rewards, G)                              # [n_groups]
-            take = live & (live.cumsum(0) <= n_want - n_kept)
-            kept.append(batch.select(rows(take)))
-            n_kept += int(take.sum())
-            keep = echorl.dropped_groups_to_keep(batch.correct, live, n_want - n_echo, cfg.echo)  # EchoRL
-            if keep.any():
-                echo_only.append(batch.select(rows(keep)))
-                n_echo += int(keep.sum())
-        if world.all(n_kept >= n_want):
+        live = ~constant_groups(batch.rewards, G) if batch else torch.zeros(0, dtype=torch.bool)  # [n_groups]
+        keep = echorl.dropped_groups_to_keep(batch.correct, live, want, cfg.echo) if batch else live  # EchoRL
+        take, take_at = global_take(live, want - n_kept, n_kept, world)
+        echo, echo_at = global_take(keep, want - n_echo, n_echo, world)
+        for part, gmask, at in ((kept, take, take_at), (echo_only, echo, echo_at)):
+            if batch is not None and gmask.any():
+                part.append(batch.select(torch.nonzero(gmask.repeat_interleave(G)).squeeze(-1).cpu()))
+                part[-1].extras["global_group"] = at.repeat_interleave(G).tolist()
+        n_kept, n_echo = n_kept + int(world.sum(take.sum().double())), n_echo + int(world.sum(echo.sum().double()))
+        if n_kept >= want:
             break
     stats["sampling_rounds"] = float(r + 1)
     parts = [(b, 1.0) for b in kept if len(b)] + [(b, 0.0) for b in echo_only if len(b)]
-    if not parts:  # nothing survived dynamic sampling: round 0's batch, outside the policy loss
+    if not parts and first is not None:  # nothing survived dynamic sampling: round 0's batch, outside the loss
+        first.extras["global_group"] = [i // G for i in range(len(first))]
         parts = [(first, 0.0)]
     for b, flag in parts:
         b.in_policy = torch.full((len(b),), flag, device=b.response_ids.device)
@@ -209,10 +214,21 @@ def collect(run: Run) -> tuple[Rollout, dict]:
     return batch, stats
 
 
+def global_take(flags: torch.Tensor, room: int, start: int, world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of this rank's groups flagged [n] (True: wanted), those among the first `room` wanted groups of
+    the global order (every rank's groups, rank by rank), and their global indices counted from `start`."""
+    every = world.gather(flags.cpu().tolist())
+    before = sum(sum(f) for f in every[:world.rank])
+    rank_in_order = before + flags.cpu().long().cumsum(0)                          # 1-based, global
+    take = flags.cpu() & (rank_in_order <= room)
+    return take.to(flags.device), (start + rank_in_order - 1)[take]
+
+
 def step_seed(run: Run, round_: int) -> int:
-    """The sampling seed of a step's round: a function of (seed, rank, step, round) alone, so a resumed
-    run draws what the uninterrupted one would have."""
-    return zlib.crc32(f"{run.cfg.train.seed}/{run.world.rank}/{run.step}/{round_}".encode())
+    """The sampling seed of a step's round: a function of (seed, step, round) alone, so a resumed run
+    draws what the uninterrupted one would have; with the row seeds (the problem's id and the sample's
+    index) one process and N ranks draw the same texts."""
+    return zlib.crc32(f"{run.cfg.train.seed}/{run.step}/{round_}".encode())
 
 
 def rollout_stats(batch: Rollout) -> dict:
@@ -271,7 +287,7 @@ def old_policy(run: Run, batch: Rollout) -> dict:
     for m in models:
         m.eval()
     out = {m: ([], []) for m in models}
-    slices = [rows for mini in even_out(update_slices(batch.in_policy, run.cfg), run.world) for rows in mini]
+    slices = [rows for mini in even_out(slices_of(run, batch), run.world) for rows in mini]
     for rows in slices:
         mb = batch.select(rows if rows is not None else [0])  # None: a forward keeping FSDP's collectives in step
         for m in models:
@@ -319,7 +335,7 @@ def update(run: Run, batch: Rollout) -> dict:
     keep = echorl.rows_to_update(batch)  # EchoRL: echo-only rows ride along only where they hold a clip
     totals, n_opt = {}, 0
     for _ in range(cfg.train.ppo_epochs):
-        for micro in even_out(update_slices(batch.in_policy, cfg, keep), run.world):
+        for micro in even_out(slices_of(run, batch, keep), run.world):
             run.opt.zero_grad(set_to_none=True)
             stats = accumulate_gradients(run, batch, micro)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
@@ -415,54 +431,16 @@ def batch_stats(batch: Rollout) -> dict:
                   "truncated": Mean(float(batch.truncated[live].float().mean()), n_rows)}
 
 
+def slices_of(run: Run, batch: Rollout, keep: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
+    """This rank's rows of each mini-batch, in micro-batches (rollout.update_slices)."""
+    t = run.cfg.train
+    return update_slices(batch, t.mini_batches, t.micro_batch_size, keep, run.world.sum if run.world.size > 1 else None)
+
+
 def probing(run: Run, batch: Rollout) -> bool:
     """log.probe_every: EchoRL's probes run on this step (one process; they hold clips to measure)."""
     every = run.cfg.log.probe_every
     return bool(every and run.cfg.echo.enabled and (run.step + 1) % every == 0 and batch.clip_mask.sum() > 0)
-
-# ----------------------------------------------------------------------------------------
-# Mini-batches and micro-batches
-
-
-def micro_batches(n: int, size: int) -> list[torch.Tensor]:
-    return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-def mini_batch_rows(in_policy: torch.Tensor, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(policy rows, echo-only rows) of each of the k mini-batches. Echo-only rows (in_policy = 0:
-    DAPO's dropped all-success groups kept for EchoRL) are split apart from the policy rows, so
-    each mini-batch holds the same policy rows as with EchoRL off, plus its share of echo-only rows."""
-    ip = in_policy.cpu()
-    pol, echo = torch.nonzero(ip > 0).squeeze(-1), torch.nonzero(ip <= 0).squeeze(-1)
-    pol = list(pol.chunk(k)) if len(pol) else [pol]          # chunk may give fewer than k pieces
-    echo = echo.tensor_split(len(pol) if len(pol[0]) else k)  # as many pieces: no echo-only extra step
-    if not len(pol[0]):
-        pol = pol * len(echo)
-    return [(p, e) for p, e in zip(pol, echo) if len(p) + len(e)]
-
-
-def update_slices(in_policy: torch.Tensor, cfg: Config, keep: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
-    """Row indices of each mini-batch's micro-batches, in update order: the policy rows' micro-batches,
-    then the echo-only rows'. The old-policy pass uses the same slices, so the first update sees
-    bit-identical log-probs (ratio == 1 exactly). `keep` (bool [B]): the echo-only rows worth a
-    forward in the update, those holding clip tokens (the others feed neither loss)."""
-    size, out = cfg.train.micro_batch_size, []
-    keep = keep.cpu() if keep is not None else None
-    for pol, echo in mini_batch_rows(in_policy, cfg.train.mini_batches):
-        if keep is not None:
-            echo = echo[keep[echo]]
-        out.append([pol[i] for i in micro_batches(len(pol), size)] + [echo[i] for i in micro_batches(len(echo), size)])
-    return out
-
-
-def even_out(slices: list[list[torch.Tensor]], world: World) -> list[list[torch.Tensor | None]]:
-    """Under torchrun, pad this rank's mini-batches (and each one's micro-batches) with None up to the
-    most any rank has: FSDP gathers weights in every forward and reduces gradients in every backward,
-    so all ranks must run as many. In one process: the slices unchanged."""
-    if world.size == 1:
-        return slices
-    slices = slices + [[] for _ in range(int(world.max(len(slices))) - len(slices))]
-    return [mini + [None] * (int(world.max(len(mini))) - len(mini)) for mini in slices]
 
 # ========================================================================================
 # Setup: one place that builds a run (train.py, the benchmarks and the tests all use it)

@@ -3,13 +3,15 @@ import math
 import json
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import echorl
 import train
 from entropy import response_logprobs
-from rollout import concat
+from rollout import concat, micro_batches, mini_batch_rows, update_slices
 from config import ConfigError, load_config
 from data import DataError
 
@@ -31,7 +33,7 @@ def prepared_batch(model_dir, tmp_path, *extra, rewards=(1, 0, 0, 1, 1, 1, 0, 1)
 
 def accumulate(run, batch, micro_batch_size=None):
     """The gradient of the whole batch as one mini-batch, in micro-batches of micro_batch_size."""
-    micro = train.micro_batches(len(batch), micro_batch_size or run.cfg.train.micro_batch_size)
+    micro = micro_batches(len(batch), micro_batch_size or run.cfg.train.micro_batch_size)
     return train.accumulate_gradients(run, batch, micro)
 
 
@@ -48,7 +50,7 @@ def test_first_update_sees_ratio_one_and_no_clipping(model_dir, tmp_path, source
     run, batch = prepared_batch(model_dir, tmp_path, "train.micro_batch_size=3", f"train.old_logprobs={source}")
     assert train.old_logprobs_from_sampler(run) == (source == "sampler")
     run.model.train()
-    for idx in train.micro_batches(len(batch), run.cfg.train.micro_batch_size):
+    for idx in micro_batches(len(batch), run.cfg.train.micro_batch_size):
         mb = batch.select(idx)
         logp, _ = response_logprobs(run.model, mb, temperature=1.0, chunk_size=run.cfg.train.logprob_chunk)
         ratio = torch.exp(logp - mb.old_logprobs)
@@ -246,30 +248,48 @@ def test_old_logprobs_match_the_update_forward_exactly_with_several_mini_batches
     run, batch = prepared_batch(model_dir, tmp_path, "train.mini_batches=3", "train.micro_batch_size=2",
                                 "train.old_logprobs=recompute")
     run.model.train()
-    for mini in train.update_slices(batch.in_policy, run.cfg):
+    for mini in train.slices_of(run, batch):
         for idx in mini:
             mb = batch.select(idx)
             logp, _ = response_logprobs(run.model, mb, temperature=1.0, chunk_size=run.cfg.train.logprob_chunk)
             assert torch.equal(logp, mb.old_logprobs)
 
 
-def test_mini_batches_split_policy_rows_and_echo_only_rows_separately(tmp_path):
-    def rows(minis):
-        return [(p.tolist(), e.tolist()) for p, e in minis]
+def test_mini_batches_take_groups_by_global_index_mod_k_and_keep_echo_only_rows_apart():
+    rows = lambda minis: [(p.tolist(), e.tolist()) for p, e in minis]
+    # 4 policy groups of 2 rows (global indices 0..3), then 2 echo-only groups (their own indices 0, 1)
     in_policy = torch.tensor([1.0] * 8 + [0.0] * 4)
-    assert rows(train.mini_batch_rows(in_policy, 2)) == [([0, 1, 2, 3], [8, 9]), ([4, 5, 6, 7], [10, 11])]
-    assert rows(train.mini_batch_rows(torch.ones(6), 3)) == [([0, 1], []), ([2, 3], []), ([4, 5], [])]
-    assert rows(train.mini_batch_rows(torch.zeros(4), 2)) == [([], [0, 1]), ([], [2, 3])]
-    # 4 policy rows in 3 mini-batches: chunk gives 2 pieces; the echo-only rows follow them, no third step
-    assert rows(train.mini_batch_rows(torch.tensor([1.0] * 4 + [0.0] * 6), 3)) == \
-        [([0, 1], [4, 5, 6]), ([2, 3], [7, 8, 9])]
-    # micro-batches of 3: policy rows and echo-only rows never share one; `keep` drops echo-only
-    # rows without a clip from the update (row 10 is the only one with a clip)
-    cfg = load_config(None, [*TINY, "train.mini_batches=2", "train.micro_batch_size=3"])
+    gid = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1])
+    assert rows(mini_batch_rows(in_policy, gid, 2)) == [([0, 1, 4, 5], [8, 9]), ([2, 3, 6, 7], [10, 11])]
+    # 2 policy groups in 3 mini-batches: the third holds no policy row and is left out; the 3 echo-only
+    # groups go over the 2 that remain (0, 1, 0): no echo-only extra step
+    gid = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 2, 2])
+    assert rows(mini_batch_rows(torch.tensor([1.0] * 4 + [0.0] * 6), gid, 3)) == \
+        [([0, 1], [4, 5, 8, 9]), ([2, 3], [6, 7])]
+    # no policy row at all: echo-only groups over all k
+    assert rows(mini_batch_rows(torch.zeros(4), torch.tensor([0, 0, 1, 1]), 2)) == [([], [0, 1]), ([], [2, 3])]
+
+
+def test_two_ranks_holding_halves_of_the_groups_form_the_one_process_mini_batches():
+    """Rank 0 holds global groups 0, 1, rank 1 groups 2, 3 (2 rows each, k = 2): mini-batch j on each rank
+    holds its groups of index j mod 2, so the ranks' rows of mini-batch j are one process's mini-batch j."""
+    one = mini_batch_rows(torch.ones(8), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), 2)
+    shares = []
+    for gid, other in ((torch.tensor([0, 0, 1, 1]), torch.tensor([2, 2, 2, 2])),
+                       (torch.tensor([2, 2, 3, 3]), torch.tensor([2, 2, 2, 2]))):
+        counts_other = torch.bincount(other % 2, minlength=2).double()
+        shares.append(mini_batch_rows(torch.ones(4), gid, 2, total=lambda x, c=counts_other: x + c))
+    for j in range(2):  # rank 1's local row i is global row 4 + i
+        union = shares[0][j][0].tolist() + (shares[1][j][0] + 4).tolist()
+        assert union == one[j][0].tolist()
+
+
+def test_update_slices_cut_micro_batches_and_skip_echo_only_rows_without_a_clip():
+    b = SimpleNamespace(in_policy=torch.tensor([1.0] * 8 + [0.0] * 4), extras={"global_group": [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1]})
     keep = torch.tensor([True] * 8 + [False, False, True, False])
-    assert [[i.tolist() for i in mini] for mini in train.update_slices(in_policy, cfg)] == \
+    assert [[i.tolist() for i in mini] for mini in update_slices(b, 2, 3)] == \
         [[[0, 1, 2], [3], [8, 9]], [[4, 5, 6], [7], [10, 11]]]
-    assert [[i.tolist() for i in mini] for mini in train.update_slices(in_policy, cfg, keep)] == \
+    assert [[i.tolist() for i in mini] for mini in update_slices(b, 2, 3, keep)] == \
         [[[0, 1, 2], [3]], [[4, 5, 6], [7], [10]]]
 
 
