@@ -8,6 +8,8 @@ cross-entropy kernels do), so only one chunk of logits is ever alive.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 
@@ -117,7 +119,8 @@ def delimiter_table(tokenizer, mode: str = "newline") -> dict[str, torch.Tensor]
 
     newline: the token's text contains '\\n'.  punct_end: text ends with . ? or ! (optionally
     followed by whitespace); it ends a sentence only if the next token starts with whitespace
-    or the response ends (so '3.5' is not split).  starts_space: text begins with whitespace.
+    or the response ends (so '3.5' is not split), and not after an ABBREVIATION ("e.g.").
+    starts_space: text begins with whitespace.
     blank: the text is whitespace only (not content: leading blanks join the first content step).
     """
     if mode not in ("newline", "sentence"):
@@ -134,7 +137,30 @@ def delimiter_table(tokenizer, mode: str = "newline") -> dict[str, torch.Tensor]
     starts_space = torch.tensor([t[:1].isspace() for t in texts])
     blank = torch.tensor([not t.strip() and i not in special for i, t in enumerate(texts)])
     return {"mode": mode, "newline": newline, "punct_end": punct_end & ~trailing_space,
-            "punct_space": punct_end & trailing_space, "starts_space": starts_space, "blank": blank}
+            "punct_space": punct_end & trailing_space, "starts_space": starts_space, "blank": blank, "texts": texts}
+
+
+# A period that closes an abbreviation ends no sentence: dotted initialisms ("e.g.", "i.e.", "a.m.") and a
+# few short forms common in worked solutions. A single capital ("... is A.") still ends one.
+ABBREVIATION = re.compile(r"(?:^|[\s(])(?:(?:[A-Za-z]\.){2,}|(?:vs|cf|approx|resp|eq|Eq|fig|Fig|Mr|Mrs|Ms|Dr)\.)$")
+
+
+def _abbreviation_ends(ids: torch.Tensor, candidates: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """[B, R] bool: the candidate sentence ends whose word (the tokens back to the last whitespace, at
+    most 8) is an ABBREVIATION. A loop over the candidates only: a few per sentence."""
+    out = torch.zeros_like(candidates)
+    where = candidates.nonzero()                                                   # [n, 2]
+    back = (where[:, 1:] - torch.arange(7, -1, -1, device=ids.device)).clamp_min(-1)  # [n, 8] positions
+    window = torch.where(back >= 0, ids[where[:, :1], back.clamp_min(0)], -1).tolist()
+    for (b, t), toks in zip(where.tolist(), window):
+        word = ""
+        for tid in reversed(toks):
+            piece = texts[tid] if 0 <= tid < len(texts) else ""
+            word = piece + word
+            if not piece or piece[:1].isspace():
+                break
+        out[b, t] = bool(ABBREVIATION.search(word.rstrip()))
+    return out
 
 
 def step_ids(response_ids: torch.Tensor, response_mask: torch.Tensor, table: dict, eos_ids: list[int],
@@ -157,7 +183,10 @@ def step_ids(response_ids: torch.Tensor, response_mask: torch.Tensor, table: dic
     delim = table["newline"][ids]
     if table["mode"] == "sentence":
         ends_here = ~nxt_valid | nxt(table["starts_space"][ids])
-        delim = delim | table["punct_space"][ids] | (table["punct_end"][ids] & ends_here)
+        punct = (table["punct_space"][ids] | (table["punct_end"][ids] & ends_here)) & valid & ~delim
+        if punct.any():
+            punct &= ~_abbreviation_ends(response_ids, punct, table["texts"])
+        delim = delim | punct
     delim = delim & valid
     is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))
     nxt_content = nxt_valid & ~nxt(delim) & ~nxt(is_eos)

@@ -215,7 +215,12 @@ PRESETS = {
 def policy_loss(logp, old_logp, adv, mask, *, policy_loss: str, aggregation: str, eps_low: float,
                 eps_high: float, norm: Norm, dual_clip: float | None = None, token_weights=None):
     """The method's policy loss for one micro-batch, and token-summed clip counts for logging.
-    `token_weights` [B, T] (no gradient) multiply the per-token loss, e.g. `tis_weights`."""
+    `token_weights` [B, T] (no gradient) multiply the per-token loss, e.g. `tis_weights`.
+
+    With GSPO every token carries its sequence's loss, so a token's weight scales that whole loss:
+    under seq-mean-token-mean a sequence's loss (and its gradient, spread over all its tokens) is
+    scaled by the mean of its tokens' weights, as TRL does; verl's token-level importance weights
+    scale each token's own term instead (tests/test_losses.py, GSPO with TIS)."""
     loss_tok, stats = POLICY_LOSSES[policy_loss](logp, old_logp, adv, mask, eps_low, eps_high, dual_clip)
     if token_weights is not None:
         loss_tok = loss_tok * token_weights

@@ -4,7 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from echorl import EchoConfig, echo_loss, peak_entropy_change, peak_tokens, select_clips
+from echorl import (EchoConfig, dropped_groups_to_keep, echo_loss, echo_term, peak_entropy_change, peak_tokens,
+                    row_uniforms, select_clips)
 from losses import ADVANTAGES, PRESETS, Norm, policy_loss
 
 
@@ -276,3 +277,32 @@ def test_peak_entropy_change_averages_each_clips_peak_step_mean():
     after = torch.tensor([[0.0, 0.0, 0.6, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 2.2], [0.0] * 5])
     assert peak_entropy_change(before, after, peak) == pytest.approx(-0.2)
     assert peak_entropy_change(before, after, torch.zeros(3, 5, dtype=torch.bool)) == 0.0
+
+
+def test_echo_term_policy_normaliser_uses_the_policy_tokens_and_falls_back_to_the_clip_mean_without_them():
+    """Clip log-probs (-1, -2, -3) sum to -6 over 3 clip tokens, coef 0.5. clip_tokens: -0.5 * -6 / 3 = 1.0.
+    policy, token-mean over 4 policy tokens: -0.5 * -6 / 4 = 0.75. policy with no policy token in the
+    mini-batch (DAPO, every group all-correct): no normaliser to borrow, so the clip mean 1.0, not the sum 3.0."""
+    logp = torch.tensor([[-1.0, -2.0], [-3.0, 0.0]])
+    clip = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    cfg = lambda n: EchoConfig(coef=0.5, normalizer=n)
+    assert float(echo_term(logp, clip, cfg("clip_tokens"), 3.0, "token-mean", Norm.from_counts(2, 4, 8))) == 1.0
+    assert float(echo_term(logp, clip, cfg("policy"), 3.0, "token-mean", Norm.from_counts(2, 4, 8))) == 0.75
+    assert float(echo_term(logp, clip, cfg("policy"), 3.0, "token-mean", Norm.from_counts(0, 0, 8))) == 1.0
+
+
+def test_dapo_keeps_dropped_all_correct_groups_up_to_the_room_left():
+    """Groups: live, all-correct, mixed-but-dropped (constant shaped reward), all-correct, all-correct.
+    Only dropped all-correct groups qualify; room 2 keeps the first two of them."""
+    correct = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)  # G = 2
+    live = torch.tensor([True, False, False, False, False])
+    keep = dropped_groups_to_keep(correct, live, 2, EchoConfig())
+    assert keep.tolist() == [False, True, False, True, False]
+    assert not dropped_groups_to_keep(correct, live, 2, EchoConfig(keep_dropped_groups=False)).any()
+
+
+def test_row_uniforms_depend_on_the_row_key_not_on_its_position_in_the_batch():
+    a = row_uniforms(0, 3, ["p1/0", "p1/1", "p2/0"])
+    b = row_uniforms(0, 3, ["p2/0", "p1/0"])
+    assert a[0] == b[1] and a[2] == b[0] and a[0] != a[1]
+    assert ((a >= 0) & (a < 1)).all() and row_uniforms(1, 3, ["p1/0"])[0] != a[0]

@@ -1,11 +1,14 @@
 """entropy.py as a specification: chunked log-probs/entropies, step segmentation, step reduction."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import tiny
 from entropy import delimiter_table, step_ids, step_reduce, token_logprobs_entropy
+
+QWEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "qwen2.5-math-1.5b"
 
 # ----------------------------------------------------------------------------------------
 # Chunked log-probs and entropies
@@ -230,3 +233,18 @@ def test_step_reduce_hand_values_and_missing_steps_are_minus_inf(reduce, expecte
 def test_step_reduce_rejects_an_unknown_reduction():
     with pytest.raises(ValueError, match="mean"):
         step_reduce(STEP_VALUES, STEP_IDS, "median")
+
+
+@pytest.mark.skipif(not QWEN_DIR.is_dir(), reason="needs ../shared/models (present in CI)")
+def test_abbreviations_never_end_a_sentence_step_and_a_single_letter_answer_still_does():
+    """Qwen2.5's tokenizer: "e.g." and "i.e." are followed by a space like a sentence end, but end no
+    step; "A." at the end of a sentence does. Steps: "Take x = 2, e.g. the least one, i.e. x = 2." |
+    " The answer is A." | " Done." (+ EOS)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(QWEN_DIR)
+    text = "Take x = 2, e.g. the least one, i.e. x = 2. The answer is A. Done."
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    resp, mask = _batch([ids], len(ids), tok.pad_token_id)
+    sids = step_ids(resp, mask, delimiter_table(tok, "sentence"), [tok.eos_token_id])[0].tolist()
+    steps = [tok.decode([t for t, s in zip(ids, sids) if s == k], skip_special_tokens=True) for k in range(max(sids) + 1)]
+    assert steps == ["Take x = 2, e.g. the least one, i.e. x = 2.", " The answer is A.", " Done."]

@@ -427,3 +427,22 @@ def test_reinforce_pp_whitens_with_the_statistics_of_every_process():
     mine = adv_reinforce_pp_baseline(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), total=total)
     whole = adv_reinforce_pp_baseline(torch.tensor([1.0, 0.0, 1, 1, 0, 0]), torch.tensor([0, 0, 1, 1, 1, 1]))
     assert mine.tolist() == pytest.approx(whole[:2].tolist(), rel=1e-5) and mine[0].item() == pytest.approx(0.9129, abs=1e-4)
+
+
+def test_gspo_with_tis_scales_each_sequence_by_the_mean_of_its_tokens_weights():
+    """Two sequences, ratio 1 (logp = old), A = (1, -1), no clipping; TIS weights (0.5, 1.0 | 2.0, pad).
+    seq-mean-token-mean of the per-token loss (each token carries its sequence's loss -A s, times its own
+    weight): ((-0.75) + 2.0) / 2 = 0.625. The gradient on sequence 0's tokens: 1/2 (sequences) x 0.75
+    (its mean weight) x d(-A s)/dlogp_t = -A s / n = -0.5, so -0.1875 on both tokens: the sequence's
+    gradient scaled by its mean weight (as TRL does), not each token's term by its own weight (-0.125,
+    -0.25, as a token-level importance weight would give)."""
+    old = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+    logp = old.clone().requires_grad_(True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    w = torch.tensor([[0.5, 1.0], [2.0, 7.0]])
+    loss, _ = policy_loss(logp, old, torch.tensor([1.0, -1.0]), mask, policy_loss="gspo",
+                          aggregation="seq-mean-token-mean", eps_low=10.0, eps_high=10.0, norm=Norm.of(mask, 2),
+                          token_weights=w)
+    assert float(loss.detach()) == pytest.approx(0.625)
+    loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([-0.1875, -0.1875])

@@ -216,6 +216,20 @@ def test_sampler_logprobs_and_entropies_equal_the_teacher_forced_forward(tok_mod
     assert (r.sample_entropies[~pad] > 0).all()
 
 
+def test_an_fp64_model_samples_fp64_log_probs_equal_to_its_teacher_forced_pass(tok_model):
+    """In fp64 the sampler keeps fp64 numbers, so the trainer may take them as the old policy's: the
+    first update's ratio is then 1 to fp64 rounding, as with a recomputed pass."""
+    import copy
+    tok, model = tok_model
+    model64 = copy.deepcopy(model).double()
+    r = Sampler(model64, tok, slots=4).generate(render_prompts(QUESTIONS, tok), group_size=2, max_new_tokens=12,
+                                                temperature=1.0, seed=3)
+    with torch.no_grad():
+        lp, ent = response_logprobs(model64, r, temperature=1.0, with_entropy=True)
+    assert r.sample_logprobs.dtype == r.sample_entropies.dtype == torch.float64
+    assert (lp - r.sample_logprobs).abs().max() < 1e-12 and (ent - r.sample_entropies).abs().max() < 1e-12
+
+
 def test_rows_at_the_length_limit_are_truncated_and_hold_no_eos(tok_model):
     tok, model = tok_model
     eos = eos_ids(tok, model)
