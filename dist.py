@@ -135,6 +135,16 @@ def even_out(slices: list[list], world: World) -> list[list]:
     return [mini + [None] * (int(world.max(len(mini))) - len(mini)) for mini in slices]
 
 
+def first_in_global_order(flags: torch.Tensor, room: int, start: int, world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of this rank's groups flagged [n] (True: wanted), those among the first `room` wanted groups of
+    the global order (every rank's groups, rank by rank), and their global indices counted from `start`."""
+    every = world.gather(flags.cpu().tolist())
+    before = sum(sum(f) for f in every[:world.rank])
+    rank_in_order = before + flags.cpu().long().cumsum(0)                          # 1-based, global
+    take = flags.cpu() & (rank_in_order <= room)
+    return take.to(flags.device), (start + rank_in_order - 1)[take]
+
+
 def abandon(world: World) -> None:
     """Leave the process group after an error, without the barrier: the other ranks may never reach it."""
     if world.launched and torch_dist.is_initialized():

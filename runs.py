@@ -57,6 +57,12 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def save_checkpoint(out: Path, step: int, run, keep: int) -> Path:
     """OUT/checkpoints/step_N/ (+ OUT/checkpoints/latest) of a train.Run; keeps the newest `keep`.
     Under torchrun every rank calls it: the collectives (gathering the full model for the HF export,

@@ -25,6 +25,7 @@ from collections import deque
 
 import torch
 
+from metrics import Max, Mean
 from rollout import Rollout, concat, eos_ids, response_mask_from_ids
 
 # ----------------------------------------------------------------------------------------
@@ -403,6 +404,18 @@ class Sampler:
 
 # ----------------------------------------------------------------------------------------
 # Sampling weights: a low-precision twin of the policy, refreshed in place after each update
+
+
+def sampler_mismatch(batch: Rollout) -> dict:
+    """How far the sampler's log-probs are from the old policy's (policy tokens): mean and max |diff|
+    and the k3 estimate of KL(sampler || trainer) with r = pi_old / pi_sampler: mean(r - 1 - log r)."""
+    m = batch.policy_mask.bool()
+    if not m.any():
+        return {}
+    d = (batch.old_logprobs - batch.sample_logprobs)[m]                              # log r
+    n = float(m.sum())
+    return {"sampler/logprob_abs_diff": Mean(float(d.abs().mean()), n), "sampler/logprob_max_diff": Max(d.abs().max()),
+            "sampler/kl_k3": Mean(float((d.exp() - 1 - d).mean()), n)}
 
 
 def sampling_copy(model, dtype: torch.dtype, always: bool = False):

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import time
 import zlib
@@ -28,7 +27,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
@@ -48,8 +46,9 @@ from metrics import Max, Mean, Sum
 from models import autocast, count_parameters, load_policy, model_source, resolve_device, rollout_dtype
 from rollout import Rollout, concat, eos_ids, render_prompts, update_slices
 from runs import (CheckpointError, Interrupted, Logger, RunFolderError, StopAfterStep, dump_rollouts,
-                  latest_checkpoint, load_checkpoint, prepare_out_dir, python_cmd, save_checkpoint, summary)
-from sampler import Sampler, generate_hf, refresh_sampling_copy, row_seed, sampling_copy
+                  latest_checkpoint, load_checkpoint, prepare_out_dir, python_cmd, save_checkpoint, seed_everything,
+                  summary)
+from sampler import Sampler, generate_hf, refresh_sampling_copy, row_seed, sampler_mismatch, sampling_copy
 
 RewardFn = Callable[[list[str], list[str]], list[float]]  # (responses, golds) -> rewards; 1.0 = verified correct
 
@@ -193,8 +192,8 @@ def collect(run: Run) -> tuple[Rollout, dict]:
             break
         live = ~constant_groups(batch.rewards, G) if batch else torch.zeros(0, dtype=torch.bool)  # [n_groups]
         keep = echorl.dropped_groups_to_keep(batch.correct, live, want, cfg.echo) if batch else live  # EchoRL
-        take, take_at = global_take(live, want - n_kept, n_kept, world)
-        echo, echo_at = global_take(keep, want - n_echo, n_echo, world)
+        take, take_at = dist.first_in_global_order(live, want - n_kept, n_kept, world)
+        echo, echo_at = dist.first_in_global_order(keep, want - n_echo, n_echo, world)
         for part, gmask, at in ((kept, take, take_at), (echo_only, echo, echo_at)):
             if batch is not None and gmask.any():
                 part.append(batch.select(torch.nonzero(gmask.repeat_interleave(G)).squeeze(-1).cpu()))
@@ -212,16 +211,6 @@ def collect(run: Run) -> tuple[Rollout, dict]:
     batch = concat([b for b, _ in parts], run.tok.pad_token_id) if len(parts) > 1 else parts[0][0]
     batch.group = torch.arange(len(batch) // G, device=batch.response_ids.device).repeat_interleave(G)
     return batch, stats
-
-
-def global_take(flags: torch.Tensor, room: int, start: int, world: World) -> tuple[torch.Tensor, torch.Tensor]:
-    """Of this rank's groups flagged [n] (True: wanted), those among the first `room` wanted groups of
-    the global order (every rank's groups, rank by rank), and their global indices counted from `start`."""
-    every = world.gather(flags.cpu().tolist())
-    before = sum(sum(f) for f in every[:world.rank])
-    rank_in_order = before + flags.cpu().long().cumsum(0)                          # 1-based, global
-    take = flags.cpu() & (rank_in_order <= room)
-    return take.to(flags.device), (start + rank_in_order - 1)[take]
 
 
 def step_seed(run: Run, round_: int) -> int:
@@ -316,18 +305,6 @@ def old_logprobs_from_sampler(run: Run) -> bool:
     return mode == "sampler"
 
 
-def sampler_mismatch(batch: Rollout) -> dict:
-    """How far the sampler's log-probs are from the old policy's (policy tokens): mean and max |diff|
-    and the k3 estimate of KL(sampler || trainer) with r = pi_old / pi_sampler: mean(r - 1 - log r)."""
-    m = batch.policy_mask.bool()
-    if not m.any():
-        return {}
-    d = (batch.old_logprobs - batch.sample_logprobs)[m]                              # log r
-    n = float(m.sum())
-    return {"sampler/logprob_abs_diff": Mean(float(d.abs().mean()), n), "sampler/logprob_max_diff": Max(d.abs().max()),
-            "sampler/kl_k3": Mean(float((d.exp() - 1 - d).mean()), n)}
-
-
 def update(run: Run, batch: Rollout) -> dict:
     """ppo_epochs x mini_batches optimizer steps over the batch, each with grad clipping."""
     cfg, model = run.cfg, run.model
@@ -348,7 +325,7 @@ def update(run: Run, batch: Rollout) -> dict:
             totals = metrics.add(totals, stats | {"grad_norm": Sum(grad_norm)})
     run.opt.zero_grad(set_to_none=True)  # no gradient buffers held through the next rollout
     if run.sampling_weights is not None:  # the sampling weights follow the policy
-        refresh_sampler(run)
+        (dist.refresh_copy if run.world.launched else refresh_sampling_copy)(run.sampling_weights, run.model)
     out = {k: Sum(v / max(n_opt, 1)) for k, v in totals.items()}  # per optimizer step
     out["grad_norm"] = float(out.get("grad_norm", 0.0))           # global already: equal on every rank
     for k in ("loss_pg", "loss_echo", "kl", "clip_frac_low", "clip_frac_high"):
@@ -496,20 +473,6 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
     if checkpoint is not None:
         run.step = load_checkpoint(checkpoint, run)
     return run
-
-
-def refresh_sampler(run: Run) -> None:
-    """After the update: the sampling weights take the policy's new values."""
-    if run.world.launched:
-        dist.refresh_copy(run.sampling_weights, run.model)
-    else:
-        refresh_sampling_copy(run.sampling_weights, run.model)
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def train_stream(cfg: Config):

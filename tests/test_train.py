@@ -12,6 +12,7 @@ import echorl
 import train
 from entropy import response_logprobs
 from rollout import concat, micro_batches, mini_batch_rows, update_slices
+from sampler import sampler_mismatch
 from config import ConfigError, load_config
 from data import DataError
 
@@ -420,7 +421,7 @@ def test_sampler_mismatch_statistics_by_hand():
                 in_policy=torch.ones(2))
     b.old_logprobs = torch.tensor([[0.0, -1.0], [-2.0, 0.0]])
     b.sample_logprobs = torch.tensor([[0.0, -1.5], [-2.0, 9.0]])   # 9.0 sits on a padding position
-    stats = train.sampler_mismatch(b)
+    stats = sampler_mismatch(b)
     assert stats["sampler/logprob_abs_diff"] == pytest.approx(1 / 6)
     assert stats["sampler/logprob_max_diff"] == pytest.approx(0.5)
     assert stats["sampler/kl_k3"] == pytest.approx((math.exp(0.5) - 1.5) / 3)
