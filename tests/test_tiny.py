@@ -91,7 +91,6 @@ def test_warm_start_cache_key_changes_with_the_tokenizer_vocabulary(monkeypatch)
 
 
 def test_story_splits_are_reproducible_and_every_gold_verifies_against_its_own_solution():
-    import entropy
     cfg = tiny.TinyConfig(task="story", min_ops=1, max_ops=4)
     problems = tiny.make_split(cfg, 500, "train")
     assert [p.solution for p in problems[:20]] == [p.solution for p in tiny.make_split(cfg, 20, "train")]
