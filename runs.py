@@ -161,13 +161,15 @@ def load_checkpoint(ckpt: Path, run) -> int:
 
 
 class StopAfterStep:
-    """Ctrl-C (SIGINT) asks the loop to stop after the current step, save it and exit; a second
-    Ctrl-C stops at once (the last saved checkpoint stays). Only in the main thread."""
+    """Ctrl-C (SIGINT), or the SIGTERM torchrun sends its workers when it is interrupted, asks the
+    loop to stop after the current step, save it and exit; a second Ctrl-C stops at once (the last
+    saved checkpoint stays). The handler only sets `requested`: the loop exchanges it between ranks
+    once per step and acts on the agreed value. Only in the main thread."""
 
     def __enter__(self):
-        self.requested, self.old = False, None
+        self.requested, self.old = False, {}
         if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGINT, self._handle)
+            self.old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
@@ -177,8 +179,8 @@ class StopAfterStep:
         tqdm.write("Ctrl-C: stopping after this step and saving it (Ctrl-C again to stop now, without saving)")
 
     def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
         return False
 
 

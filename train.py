@@ -526,8 +526,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, allow_c
                 logger.log(0, {k: v for k, v in start.items() if k != "step"})
         bar = tqdm(total=cfg.train.steps, initial=run.step, desc=f"{cfg.algo.name}{'+echo' if cfg.echo.enabled else ''}",
                    dynamic_ncols=True, disable=not world.main)
+        agreed = False  # the stop every rank takes: exchanged once per step, never written by the signal handler
         with StopAfterStep() as stop, bar:
-            while run.step < cfg.train.steps and not stop.requested:
+            while run.step < cfg.train.steps and not agreed:
                 t0 = time.perf_counter()
                 try:
                     stats, batch = train_step(run)
@@ -539,7 +540,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, allow_c
                 s = run.step
                 if (cfg.eval.every and s % cfg.eval.every == 0) or s == cfg.train.steps:
                     stats.update(evaluate_run(run, heldout))
-                stop.requested = world.max(float(stop.requested)) > 0  # every rank stops after the same step
+                agreed = world.max(float(stop.requested)) > 0  # every rank stops after the same step
                 if logger:
                     if cfg.log.log_rollouts_every and (s % cfg.log.log_rollouts_every == 0 or s == 1):
                         dump_rollouts(batch, run, out / "rollouts" / f"step_{s:06d}.jsonl")
@@ -548,7 +549,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, allow_c
                 bar.update(1)
                 bar.set_postfix(reward=f"{stats['reward']:.3f}", degen=f"{stats['frac_degenerate']:.2f}",
                                 **{k.split("/")[1]: f"{v:.3f}" for k, v in stats.items() if k.endswith("/acc")})
-                if (cfg.train.save_every and s % cfg.train.save_every == 0) or s == cfg.train.steps or stop.requested:
+                if (cfg.train.save_every and s % cfg.train.save_every == 0) or s == cfg.train.steps or agreed:
                     save_checkpoint(out, s, run, cfg.train.keep_checkpoints)
                     saved_step = s
         if run.step < cfg.train.steps:
