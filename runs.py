@@ -125,9 +125,11 @@ def _sharded_reader(path: Path):
             metadata = _MetadataUnpickler(f).load()
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{meta} is refused: it holds more than checkpoint metadata ({e}), and loading it "
-                              f"would run code from the file; resume only from checkpoints this project wrote") from None
+                              f"would run code from the file; resume only from checkpoints this project wrote"
+                              ) from None
     except (OSError, EOFError, ValueError, AttributeError, TypeError) as e:
-        raise CheckpointError(f"{meta} could not be read ({type(e).__name__}: {e}); it is damaged or incomplete") from None
+        raise CheckpointError(f"{meta} could not be read ({type(e).__name__}: {e}); it is damaged or incomplete"
+                              ) from None
 
     class Reader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
