@@ -13,12 +13,17 @@ A fresh run never writes into a folder that holds another run (prepare_out_dir).
 written to a temporary folder and renamed into place, and `latest` is replaced atomically, so a crash
 mid-save never corrupts the last good checkpoint; a failed write (a full disk) removes its temporary
 folder. `--resume` reloads everything a run needs to reproduce the uninterrupted run's next metrics;
-a run written by N processes resumes with N processes.
+a run written by N processes resumes with N processes. Opening a run folder never runs code from it:
+weights are safetensors, state.pt and rank{r}.pt load with torch.load(weights_only=True) (tensors, lists,
+ints, strings), and the sharded metadata with an unpickler that knows only its own classes.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -38,21 +43,36 @@ import dist
 from config import diff, to_dict
 from entropy import step_ids
 
+try:
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or resumed (full disk, another world size); the last complete
-    checkpoint is untouched."""
+    """A checkpoint could not be written or resumed (full disk, another world size, a file that is not
+    plain data); the last complete checkpoint is untouched."""
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    """Every RNG's state as tensors, ints and lists: it loads with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": [version, list(mt), py_gauss],
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, mt, py_gauss = s["python"]
+    random.setstate((version, tuple(mt), py_gauss))
+    n = s["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    else:  # a checkpoint from before the plain-data format: numpy's own tuple
+        np.random.set_state(n)
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -61,6 +81,91 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
+
+
+# Checkpoints written before the RNG states were plain data hold numpy's MT19937 key array; these are
+# the only globals beyond tensors and plain data that loading accepts (no callable in them runs code
+# from the file: they rebuild an array from its dtype and bytes).
+_OLD_NUMPY_STATE = [_np_reconstruct, (_np_reconstruct, "numpy.core.multiarray._reconstruct"),
+                    (_np_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype,
+                    type(np.dtype(np.uint32))]
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint's state.pt / rank{r}.pt: tensors and plain data only, never code (weights_only)."""
+    try:
+        with torch.serialization.safe_globals(_OLD_NUMPY_STATE):
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)|WeightsUnpickler error:\s*([^\n]{1,200})", str(e))
+        what = next(g for g in found.groups() if g) if found else str(e).splitlines()[0][:200]
+        raise CheckpointError(f"{path} is refused: it holds more than tensors and plain data ({what}), and "
+                              f"loading it would run code from the file; resume only from checkpoints this "
+                              f"project wrote") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              f"it is damaged or incomplete") from None
+
+
+# The metadata of a torch.distributed.checkpoint folder is a plain pickle (sharded/.metadata); it is
+# read with only the classes that metadata is made of, so a crafted file cannot run code.
+_DCP_METADATA = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if name in _DCP_METADATA.get(module, ()) or (
+                module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+def _sharded_reader(path: Path):
+    """A FileSystemReader for `path` whose metadata is read here, first, with only its own classes
+    (torch.distributed.checkpoint would wrap a refusal in its own multi-line error)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    meta = path / ".metadata"
+    try:
+        with open(meta, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{meta} is refused: it holds more than checkpoint metadata ({e}), and loading it "
+                              f"would run code from the file; resume only from checkpoints this project wrote"
+                              ) from None
+    except (OSError, EOFError, ValueError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{meta} could not be read ({type(e).__name__}: {e}); it is damaged or incomplete"
+                              ) from None
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+    return Reader(str(path))
+
+
+def _sharded_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            # non-tensor items (the optimizer's hyperparameters) load as plain data; the parent's own
+            # torch.load then only ever sees bytes written here from that plain data
+            obj = torch.load(value, weights_only=True)
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            buf.seek(0)
+            super().load_bytes(read_item, buf)
+    return Planner()
 
 
 def save_checkpoint(out: Path, step: int, run, keep: int) -> Path:
@@ -76,8 +181,8 @@ def save_checkpoint(out: Path, step: int, run, keep: int) -> Path:
         try:
             fn(*args)
             return None
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-            return str(e)
+        except Exception as e:  # any writer's failure (safetensors, torch.save, json, a rename) is this save's
+            return f"{type(e).__name__}: {str(e).strip() or 'no message'}"
 
     def fresh():
         ckdir.mkdir(parents=True, exist_ok=True)
@@ -104,16 +209,23 @@ def save_checkpoint(out: Path, step: int, run, keep: int) -> Path:
             torch.save({"stream": run.stream.state_dict(), "rng": rng_state()}, tmp / f"rank{world.rank}.pt")
     if not errors:
         errors = [e for e in world.gather(sharded_error or attempt(own_files)) if e]
-    if errors:
-        if world.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {errors[0]}; the last complete checkpoint is "
-                              f"{latest_checkpoint(out) or 'none'}")
-    if world.main:
-        shutil.rmtree(final, ignore_errors=True)
+    def commit():
+        shutil.rmtree(final, ignore_errors=True)  # a leftover of this step that `latest` never named
         os.replace(tmp, final)
         (ckdir / "latest.tmp").write_text(final.name)
         os.replace(ckdir / "latest.tmp", ckdir / "latest")
+    if not errors:
+        errors = [e for e in world.gather(attempt(commit) if world.main else None) if e]
+    if errors:
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (ckdir / "latest.tmp").unlink(missing_ok=True)
+            if latest_checkpoint(out) != final:  # renamed but never recorded as latest
+                shutil.rmtree(final, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {errors[0]}; the last complete checkpoint is "
+                              f"{latest_checkpoint(out) or 'none'}")
+    if world.main:
         for old in sorted(ckdir.glob("step_*"))[:-keep] if keep > 0 else []:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -134,7 +246,7 @@ def load_checkpoint(ckpt: Path, run) -> int:
     """Restore optimizer, scheduler, stream and RNG state into a train.Run (the weights load with the
     model); returns the step. A checkpoint resumes only with the number of processes that wrote it."""
     world = run.world
-    st = torch.load(ckpt / "state.pt", weights_only=False)
+    st = load_state(ckpt / "state.pt")
     saved, sharded = st.get("world_size", 1), st.get("torchrun", False)
     if (saved, sharded) != (world.size, world.launched):
         how = lambda n, t: f"torchrun --nproc_per_node {n}" if t else "one process (plain python)"
@@ -149,9 +261,9 @@ def load_checkpoint(ckpt: Path, run) -> int:
         return st["step"]
     model_sd, opt_sd = get_state_dict(run.model, run.opt)
     sd = {"model": model_sd, "optimizer": opt_sd}
-    dcp.load(sd, checkpoint_id=str(ckpt / "sharded"))
+    dcp.load(sd, storage_reader=_sharded_reader(ckpt / "sharded"), planner=_sharded_planner())
     set_state_dict(run.model, run.opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
-    mine = torch.load(ckpt / f"rank{world.rank}.pt", weights_only=False)
+    mine = load_state(ckpt / f"rank{world.rank}.pt")
     run.stream.load_state_dict(mine["stream"])
     set_rng_state(mine["rng"])
     return st["step"]
@@ -217,8 +329,11 @@ class Logger:
     def __init__(self, cfg, out: Path, resume_step: int):
         self.path = out / "metrics.jsonl"
         if self.path.exists():  # a resumed run drops the lines past its checkpoint
-            lines = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in lines))
+            rows = read_metrics(self.path)
+            lines = [json.dumps(r) for r in rows if r["step"] <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(l + "\n" for l in lines))
+            os.replace(tmp, self.path)  # a kill here keeps the old lines, never half of them
         self.wandb = None
         if cfg.log.wandb:
             import wandb
@@ -230,6 +345,30 @@ class Logger:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+
+
+def read_metrics(path: Path, warn: bool = True) -> list[dict]:
+    """The rows of a metrics.jsonl. A cut-off last line (a kill or a full disk mid-write) is dropped with a
+    warning: its step comes after the last checkpoint, so the resumed run writes it again. Any other
+    unreadable line is a RunFolderError naming it."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except ValueError as e:
+            if i == len(lines):
+                if warn:
+                    print(f"warning: {path}:{i}: dropped the cut-off last line ({line[:40]!r}...); the resumed run "
+                          f"writes that step again", file=sys.stderr)
+                break
+            raise RunFolderError(f"{path}:{i}: unreadable metrics line ({e}); only the last line may be cut off")
+        rows.append(row)
+    return rows
 
 
 # Keys that may change when a run resumes (they change how long it runs or what it logs, not what it learns).
@@ -286,9 +425,9 @@ def describe_run(out: Path) -> str:
     except (OSError, ValueError, KeyError):
         pass
     try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        parts.append(f"metrics up to step {json.loads(lines[-1])['step']}" if lines else "no metrics")
-    except (OSError, ValueError, KeyError, IndexError):
+        steps = [r["step"] for r in read_metrics(out / "metrics.jsonl", warn=False)]
+        parts.append(f"metrics up to step {steps[-1]}" if steps else "no metrics")
+    except (OSError, RunFolderError):
         pass
     ck = latest_checkpoint(out)
     parts.append(f"last checkpoint {ck.name}" if ck else "no checkpoint")

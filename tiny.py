@@ -272,6 +272,9 @@ def warm_start(cfg: TinyConfig, seed: int = 0) -> Path:
     """
     path = cache_path(cfg, seed)
     if (path / "config.json").exists():
+        if not (path / "model.safetensors").is_file():  # weights come only from safetensors: no code in a cache
+            raise FileNotFoundError(f"warm-start cache {path} holds no model.safetensors (it was not written here); "
+                                    f"remove that folder to rebuild it")
         return path
     with torch.random.fork_rng(devices=[]):
         tok = build_tokenizer()

@@ -104,7 +104,9 @@ def mem_child(spec: dict) -> tuple[float, float]:
     import train
     cfg = tiny_config(spec["overrides"])
     run = train.setup(cfg)
-    saved = torch.load(spec["state"], weights_only=False)
+    from rollout import Rollout
+    with torch.serialization.safe_globals([Rollout]):  # the parent's own batch: tensors inside a Rollout
+        saved = torch.load(spec["state"], weights_only=True)
     bench = Bench(run, saved["batch"], saved["model"], saved["opt"])
     bench.timed(spec["on"])
     return bench.peak(spec["on"])

@@ -63,14 +63,14 @@ def one_process(cases: Path, model_dir, out: Path) -> dict:
         main(str(cases), str(model_dir), str(out))
     finally:
         torch.set_num_threads(threads)
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 def two_processes(cases: Path, model_dir, out: Path) -> dict:
     proc = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "_dist_worker.py"), str(cases), str(model_dir), str(out)],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 @pytest.mark.parametrize("dtype, lr, atol", [
