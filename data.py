@@ -293,7 +293,8 @@ def load_benchmark(name: str, data_dir: str | Path, limit: int | None = None,
                    max_question_chars: int = MAX_QUESTION_CHARS) -> list[Problem]:
     """Problems of a registered benchmark, in file order; `limit` keeps the first `limit`."""
     if name not in BENCHMARKS:
-        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
+        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}, tiny (the embedded task), "
+                        f"or a .jsonl/.json file of problems")
     loader = BENCHMARKS[name]
     if isinstance(loader, FileBenchmark):
         return _load_file(Path(data_dir) / loader.path, loader, limit, max_question_chars)

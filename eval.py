@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -38,8 +39,8 @@ import data
 import reward
 import rollout
 import tiny
-from config import Config, from_dict, load_config
-from data import Problem
+from config import Config, ConfigError, from_dict, load_config
+from data import DataError, Problem
 from models import autocast, load_model, rollout_dtype
 from sampler import Sampler, generate, row_seed
 
@@ -379,22 +380,54 @@ def settings(args: argparse.Namespace):
     return cfg, source
 
 
+class UsageError(ValueError):
+    """A mistake on the command line: printed as one line, exit code 2."""
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    args = parse_args(argv)
+    """The command line: every user mistake is one line and exit code 2; Ctrl-C keeps the cache, exit 130."""
+    try:
+        return run(parse_args(argv))
+    except (UsageError, ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the problems finished so far are cached; the same command continues from them",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def check_model(model: str) -> None:
+    """A local folder must exist; anything else must look like a hub id ('org/name')."""
+    if Path(model).exists():
+        if not (Path(model) / "config.json").is_file():
+            raise UsageError(f"--model {model}: no config.json there (a model folder or a run checkpoint, "
+                             f"RUN/checkpoints/step_N)")
+    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        raise UsageError(f"--model {model}: no such folder, and not a hub id of the form org/name")
+
+
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    check_model(args.model)
     cfg, source = settings(args)
     e = cfg.eval
     try:
         ks = tuple(int(k) for k in args.k.split(",") if k.strip())
     except ValueError:
-        raise SystemExit(f"--k: expected comma-separated integers, got {args.k!r}") from None
+        raise UsageError(f"--k: expected comma-separated integers, got {args.k!r}") from None
     if e.n < 1:
-        raise SystemExit(f"--n must be >= 1, got {e.n}")
+        raise UsageError(f"--n must be >= 1, got {e.n}")
+    if e.limit < 0:
+        raise UsageError(f"--limit must be >= 0 (0: every problem), got {e.limit}")
     if e.temperature < 0 or not 0 < args.top_p <= 1 or e.max_new_tokens < 1 or e.batch_size < 1:
-        raise SystemExit("need --temperature >= 0, --top-p in (0, 1], --max-new-tokens >= 1, --batch-size >= 1")
+        raise UsageError("need --temperature >= 0, --top-p in (0, 1], --max-new-tokens >= 1, --batch-size >= 1")
+    if not e.benchmarks:
+        raise UsageError(f"no benchmark to evaluate ({source} lists none): pass --benchmarks, e.g. "
+                         f"--benchmarks {DEFAULT_BENCHMARKS} or tiny")
     n = 1 if e.temperature == 0 else e.n  # greedy: see module docstring
     bad = [k for k in ks if not 1 <= k <= n]
     if not ks or bad:
-        raise SystemExit(f"--k: every k must be in 1..n (n = {n}{', greedy' if e.temperature == 0 else ''}), "
+        raise UsageError(f"--k: every k must be in 1..n (n = {n}{', greedy' if e.temperature == 0 else ''}), "
                          f"got {args.k!r}")
     print(f"eval settings from {source}: n={n}, temperature={e.temperature}, max_new_tokens={e.max_new_tokens}, "
           f"template={cfg.data.template}, benchmarks={','.join(e.benchmarks)}")
@@ -407,7 +440,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
     hf_logging.disable_progress_bar()
     seed = cfg.train.seed if args.seed is None else args.seed
-    model, tokenizer = load_model(args.model, dtype, args.device)
+    try:
+        model, tokenizer = load_model(args.model, dtype, args.device)
+    except OSError as e:  # a hub id that cannot be reached or found
+        raise UsageError(f"--model {args.model}: {str(e).splitlines()[0]}") from None
     engine = Sampler(model, tokenizer, slots=e.batch_size)  # built once: its compiled step (CUDA) is reused
     results, records = {}, {}
     for name, problems in benchmarks:

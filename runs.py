@@ -383,6 +383,10 @@ def prepare_out_dir(cfg, resume: bool, overwrite: bool, allow_changes: bool) -> 
     moves the old run aside. `resume` continues the folder's run from its latest checkpoint, with
     the same config (keys that only change length or logging may differ; others need allow_changes)."""
     out = Path(cfg.train.out_dir)
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise RunFolderError(f"train.out_dir {out}: {parent} is a file, not a folder; choose another "
+                                 f"train.out_dir")
     saved = out / "config.json"
     has_run = saved.exists() or (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
     if not resume:
@@ -440,6 +444,15 @@ def further(command: str, steps: int) -> str:
     return f"{kept} --resume --set train.steps={steps}"
 
 
+def launch_command(args_line: str) -> str:
+    """How this process was launched, as a command to print: this interpreter's path, and under
+    torchrun the same interpreter's `-m torch.distributed.run` with the same number of processes."""
+    if "WORLD_SIZE" in os.environ:
+        n = os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])
+        return f"{python_cmd()} -m torch.distributed.run --nproc_per_node {n} {args_line}"
+    return f"{python_cmd()} {args_line}"
+
+
 def summary(cfg, rows: list[dict], wall: float, out: Path, command: str) -> None:
     """The closing lines of a run: held-out accuracy before -> after, time, where things are, what next."""
     py = python_cmd()
@@ -456,8 +469,7 @@ def summary(cfg, rows: list[dict], wall: float, out: Path, command: str) -> None
     lines.append(f"  {py} plots.py {out}")
     if last:
         lines.append(f"  {py} eval.py --model {last}")
-    launch = command if command.startswith("torchrun") else f"{py} {command}"
-    lines.append(f"  {further(launch, 2 * cfg.train.steps)}   # train further")
+    lines.append(f"  {further(command, 2 * cfg.train.steps)}   # train further")
     print("\n".join(lines))
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 import zlib
@@ -46,7 +47,7 @@ from metrics import Max, Mean, Sum
 from models import autocast, count_parameters, load_policy, model_source, resolve_device, rollout_dtype
 from rollout import Rollout, concat, eos_ids, render_prompts, update_slices
 from runs import (CheckpointError, Interrupted, Logger, RunFolderError, StopAfterStep, dump_rollouts,
-                  latest_checkpoint, load_checkpoint, prepare_out_dir, python_cmd, save_checkpoint, seed_everything,
+                  further, latest_checkpoint, launch_command, load_checkpoint, prepare_out_dir, save_checkpoint, seed_everything,
                   summary)
 from sampler import Sampler, generate_hf, refresh_sampling_copy, row_seed, sampler_mismatch, sampling_copy
 
@@ -501,7 +502,7 @@ def make_scheduler(opt, cfg: Config):
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
-          reward_fn: RewardFn | None = None, command: str = "train.py --config <config>") -> list[dict]:
+          reward_fn: RewardFn | None = None, command: str = "python train.py --config <config>") -> list[dict]:
     """Run the whole loop into cfg.train.out_dir; returns the per-step metrics written by this call.
     `command` (how the run was launched) is quoted in the closing lines' next steps. Under torchrun
     every rank runs this; rank 0 alone checks the folder, prints and writes files."""
@@ -518,6 +519,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, allow_c
             os.replace(out / "config.json.tmp", out / "config.json")
             if ckpt:
                 print(f"resumed from {ckpt} at step {run.step}")
+        if ckpt and run.step >= cfg.train.steps:
+            if world.main:
+                print(f"{out} is complete: {run.step} of {cfg.train.steps} steps; train further with: "
+                      f"{further(command, 2 * cfg.train.steps)}")
+            dist.close(world)
+            return []
         logger = Logger(cfg, out, run.step) if world.main else None
         history, saved_step, start = [], run.step, {}
         if run.step == 0 and heldout and cfg.eval.at_start:
@@ -576,23 +583,30 @@ def main(argv=None):
     ap.add_argument("--allow-changes", action="store_true", help="--resume even if the config differs")
     args = ap.parse_args(argv)
     hf_logging.disable_progress_bar()  # HF's "loading/writing shards" bars would break the run's bar
-    command = f"train.py --config {args.config}" + "".join(f" --set {o}" for o in args.overrides)
-    if "WORLD_SIZE" in os.environ:  # launched by torchrun
-        command = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])} {command}"
-    main_rank = int(os.environ.get("RANK", 0)) == 0
+    command = launch_command(f"train.py --config {args.config}" + "".join(f" --set {o}" for o in args.overrides))
+    say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)
+    out = None
     try:
         cfg = load_config(args.config, args.overrides)
+        out = Path(cfg.train.out_dir)
         train(cfg, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes, command=command)
     except (ConfigError, DataError, RunFolderError, FileNotFoundError, NonFiniteError, CheckpointError) as e:
-        sys.exit(f"error: {e}" if main_rank else 1)
-    except Interrupted as e:
-        if main_rank:
-            print(f"{e}; continue with: {command if command.startswith('torchrun') else python_cmd() + ' ' + command}"
-                  f" --resume")
+        say(f"error: {e}{rerun_hint(out, command) if isinstance(e, NonFiniteError) else ''}", file=sys.stderr)
+        sys.exit(1)
+    except (Interrupted, KeyboardInterrupt) as e:
+        what = f"{e}" if isinstance(e, Interrupted) else "interrupted: stopped at once, the last saved checkpoint is intact"
+        say(f"\n{what}{rerun_hint(out, command)}", file=sys.stderr)
         sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit("\ninterrupted: stopped at once; the last saved checkpoint (if any) is intact; continue with --resume"
-                 if main_rank else 130)
+
+
+def rerun_hint(out: Path | None, command: str) -> str:
+    """The command that continues a stopped run: --resume where a checkpoint exists, else --overwrite."""
+    if out is None:
+        return ""
+    clean = re.sub(r"\s--(resume|overwrite)\b", "", command)
+    if latest_checkpoint(out):
+        return f"; continue with: {clean} --resume"
+    return f"; nothing was saved, start again with: {clean} --overwrite"
 
 
 if __name__ == "__main__":

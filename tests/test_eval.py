@@ -1,6 +1,7 @@
 """eval.py: metric formulas by hand, metric plumbing with scripted generations, resume, tiny CLI run."""
 import json
 import math
+import re
 import time
 from types import SimpleNamespace
 
@@ -228,8 +229,35 @@ def test_a_run_checkpoint_is_scored_on_the_runs_own_tiny_task(tmp_path, capsys):
     (["--k", "0"], r"--k: every k must be in 1..n \(n = 4\), got '0'"),
     (["--n", "2", "--k", "1,4"], r"--k: every k must be in 1..n \(n = 2\), got '1,4'"),
     (["--k", "x"], r"--k: expected comma-separated integers"),
+    (["--limit", "-5"], r"--limit must be >= 0 \(0: every problem\), got -5"),
+    (["--benchmarks", "math5000"], r"unknown benchmark 'math5000'; known: .*math500.*tiny"),
+    (["--benchmarks", ","], r"no benchmark to evaluate \(.*\): pass --benchmarks"),
+    (["--model", "nowhere"], r"--model nowhere: no such folder, and not a hub id"),
+    (["--model", "."], r"--model \.: no config.json there"),
 ])
-def test_bad_sampling_arguments_stop_before_loading_or_generating(tmp_path, monkeypatch, args, message):
+def test_every_command_line_mistake_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    with pytest.raises(SystemExit, match=message):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
         ev.main(["--model", str(tmp_path), "--benchmarks", "tiny", "--out-dir", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_ctrl_c_keeps_the_finished_problems_and_exits_130(tmp_path, monkeypatch, capsys):
+    """Interrupted after 2 problems: exit 130, one line, and the 2 finished problems stay in the cache."""
+    calls = []
+    monkeypatch.setattr(ev, "generate", scripted_generate(calls, fail_after=2))
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(ev, "Sampler", lambda *a, **k: None)
+    bench = tmp_path / "five.jsonl"
+    bench.write_text("".join(json.dumps({"question": q, "answer": gold}) + "\n" for q, (gold, _) in SCRIPT.items()))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        ev.main(["--model", str(tmp_path / "m"), "--benchmarks", str(bench), "--n", "4", "--batch-size", "4",
+                 "--out-dir", str(tmp_path / "o"), "--template", "plain"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "it/s]" not in line]  # not the bar
+    assert exit_.value.code == 130 and len(err) == 1 and err[0].startswith("interrupted")
+    cached = [json.loads(line)["id"] for f in (tmp_path / "o").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert len(cached) == 2

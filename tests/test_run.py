@@ -126,7 +126,8 @@ def test_ctrl_c_saves_the_last_completed_step_and_the_run_resumes(model_dir, tmp
     steps = [l["step"] for l in _lines(out / "metrics.jsonl")]
     last = runs.latest_checkpoint(out)
     assert last is not None and last.name == f"step_{steps[-1]:06d}"
-    assert "continue with:" in stdout and "--resume" in stdout
+    hint = [line for line in stderr.splitlines() if "continue with:" in line]
+    assert len(hint) == 1 and hint[0].endswith("--resume") and f"step_{steps[-1]:06d}" in hint[0]
     resume = subprocess.run(cmd + ["--resume", "--set", f"train.steps={steps[-1] + 1}"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert resume.returncode == 0, resume.stderr
@@ -152,13 +153,13 @@ def test_the_warm_start_is_the_same_whether_it_was_built_or_found_in_the_cache(t
 # Validation before any work: each message names the file, key or line
 
 
-def test_a_refused_config_writes_nothing_and_loads_no_model(tmp_path, monkeypatch):
+def test_a_refused_config_writes_nothing_and_loads_no_model(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     loaded = []
     monkeypatch.setattr(train, "load_policy", lambda *a, **k: loaded.append(a))
-    with pytest.raises(SystemExit, match="'train.steps' must be > 0"):
-        train.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", "train.steps=0",
-                    "--set", f"train.out_dir={tmp_path / 'run'}"])
+    code, err = _main_exit(["--config", str(ROOT / "configs" / "tiny.yaml"), "--set", "train.steps=0",
+                            "--set", f"train.out_dir={tmp_path / 'run'}"], capsys)
+    assert code == 1 and "'train.steps' must be > 0" in err
     assert not (tmp_path / "run").exists() and not loaded
 
 
@@ -193,3 +194,31 @@ def test_unreadable_and_oversized_data_rows_name_the_file_and_line(tmp_path):
 ])
 def test_the_train_further_line_drops_the_commands_own_resume_and_step_count(command, expected):
     assert runs.further(command, 120) == expected
+
+
+def _main_exit(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_hints_name_a_command_that_will_be_accepted(model_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C before any checkpoint: exit 130 and the hint says --overwrite (a --resume would be refused);
+    a finished run's --resume says it is complete and how to train further; an out_dir under a file is named."""
+    base = ["--config", str(ROOT / "configs" / "tiny.yaml")] + [a for s in (
+        f"model.name_or_path={model_dir}", "eval.benchmarks=[]", "rollout.group_size=4", "rollout.prompts_per_step=2",
+        "rollout.max_new_tokens=8", "train.steps=1", "log.log_rollouts_every=0", f"train.out_dir={tmp_path / 'run'}",
+        "train.threads=1") for a in ("--set", s)]
+    real = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda run: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, err = _main_exit(base, capsys)
+    assert code == 130 and "nothing was saved, start again with:" in err and err.strip().endswith("--overwrite")
+    monkeypatch.setattr(train, "train_step", real)
+    assert train.main(base + ["--overwrite"]) is None
+    capsys.readouterr()
+    assert train.main(base + ["--resume"]) is None
+    out = capsys.readouterr().out
+    assert "is complete: 1 of 1 steps; train further with:" in out and "--resume --set train.steps=2" in out
+    (tmp_path / "file").write_text("")
+    code, err = _main_exit(base + ["--set", f"train.out_dir={tmp_path / 'file' / 'run'}"], capsys)
+    assert code == 1 and "is a file, not a folder" in err and "Traceback" not in err
