@@ -520,7 +520,7 @@ FORMAT_CASES = {
         (B(r"3\times10^{9}\ \mathrm{m/s}"), "3e8", False),
         # minerva_math: 3 '41.8', 5 '0.006', 58 '0.53', 61 '4.4e7', 122 '0.10', 51 '2.7778e-6'
         (B(r"41.8^{\circ}"), "41.8", True),
-        (B("48.2^\circ"), "41.8", False),
+        (B(r"48.2^\circ"), "41.8", False),
         (B(r"0.006 \mathrm{~m/s^2}"), "0.006", True),
         (B(r"6\times10^{-3}\ \text{m s}^{-2}"), "0.006", True),
         (B("0.06"), "0.006", False),
