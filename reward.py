@@ -5,16 +5,25 @@
 
 Equivalence, cheapest test first:
   1. the normalised strings are equal (units, \\text, \\left, \\dfrac, thousands separators,
-     degrees, %, $ ... removed), which settles most correct answers;
+     degrees, %, $ ... removed; a few fixed vocabularies spelled one way), which settles most
+     correct answers;
   2. both answers are parsed (mathparse.py) into sympy objects and compared by structure:
-     tuples in order, bare lists and sets in any order, intervals with their open/closed ends,
-     unions part by part, matrices entry by entry, "x = 5" against "5", equations up to a
-     constant factor, and multiple-choice letters / text answers as normalised text;
+     tuples in order, bare lists and sets in any order, labelled values ("p = 2, q = -5") by
+     label, matrices entry by entry, "x = 5" against "5", a chain "t = ... = 10 ln 18" by its last
+     member, equations up to a constant factor; inequalities, intervals, unions, set-builder sets
+     and differences as sets of reals (mathsets.py), so "x < -1 or x > 4" is (-oo,-1) U (4,oo);
   3. numbers: exactly when both are rational (0.33 != 1/3), otherwise with relative tolerance
-     REL_TOL = 1e-6 (so a rounded 3.14 does not match \\pi, but 1.4142136 matches \\sqrt{2});
+     REL_TOL = 1e-6 (so a rounded 3.14 does not match \\pi, but 1.4142136 matches \\sqrt{2}); a
+     gold written as a decimal with 2+ significant digits is rounded, and an exact answer that
+     rounds to it matches; a percentage may stand for a probability (37.5\\% for 0.375);
   4. expressions: equal values at three fixed generic points (SYM_TOL), computed with guarded
-     mpmath arithmetic. This decides x^2+2x+1 = (x+1)^2 or \\cot x = \\cos x/\\sin x without
+     mpmath arithmetic (mathnumeric.py), the arbitrary constant of a general solution under any
+     of its usual names. This decides x^2+2x+1 = (x+1)^2 or \\cot x = \\cos x/\\sin x without
      sympy.simplify, expand or evalf, whose running time on untrusted input is unbounded.
+A gold that restates itself ("-1<x\\le 1:(-1,1]") matches any of its statements. A gold that is
+an option letter is matched by the letter the response chose ("Answer: D", "choice (A)", "故选 B").
+Free paraphrase is out of scope: text answers match only as normalised text or through the fixed
+vocabularies (no solution, diverges/converges, even/odd/neither, quadrants, times of day).
 
 Safety: model text is never evaluated as Python; mathparse builds sympy objects from a
 whitelist and lets sympy compute nothing but exact rational arithmetic. Work is bounded by
@@ -161,29 +170,30 @@ _UNIT_TEXT = r"\\(?:text|textrm|textnormal|mbox|mathrm)\s*\{(?:[^{}]|\{[^{}]*\})
 _POWER = r"(?:\s*\^\s*\{?-?\d\}?)?"  # m^2, s^{-1}
 _UNIT_WORD = r"[a-zA-Z]{3,}|cm|mm|km|ft|kg|mi|hr|lb|oz|ml"  # bare words; single letters may be variables
 _TEXT_CMD = r"\\(?:text|textbf|textrm|textit|textnormal|mathbf|mathrm|mathit|mbox|boldsymbol|emph)"
-_REWRITES = [
-    (re.compile(r"\\mathrm\s*\{\s*([ie])\s*\}"), r"\1"),  # \mathrm{i}, \mathrm{e}: constants, not units
-    (re.compile(r"\\text\s*\{\s*([ap])\.?\s*m\.?\s*\}"), r" \1m"),  # 1:58 \text{ a.m.}
-    (re.compile(r"\b(?:np|numpy|math|sympy|sp)\.(?=[a-z])"), r"\\"),  # np.arcsin(10/13)
-    (re.compile(rf"(?<=[\w}}])\s*(?:\\[,;: ]|~)\s*[a-zA-Z]{{1,3}}{_POWER}\s*$"), ""),  # 576\pi\;m^{2}
-    (re.compile(r"\\\$|\\?%"), ""),  # dollars, percent
-    (re.compile(r"\$|\\[()\[\]]"), ""),  # math delimiters
-    (re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])\.?|\\displaystyle"), ""),
-    (re.compile(r"\\[dtc]frac"), r"\\frac"),
-    (re.compile(r"\\[dt]binom"), r"\\binom"),
-    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree"), ""),  # degrees
-    (re.compile(r"\{,\}\s*|,\\!\s*"), ","),  # 1{,}234 and 10,\!080
-    (re.compile(r"(?<=\d)(?:(?<!\\)\\[,;: ]|\s)+(?=\d{3}(?!\d))"), ","),  # 1\,234
-    (re.compile(r"(?<!\\)\\[!,;: ]|~|\\q?quad(?![a-zA-Z])"), " "),  # spacing, not the \\ row break
-    (re.compile(rf",?\s*(?:{_TEXT_CMD}\s*\{{\s*or\s*\}}|(?<=\s)or\s)|或"), r" \\lor "),  # x<-1 or x>4
-    (re.compile(rf",?\s*(?:{_TEXT_CMD}\s*\{{\s*and\s*\}}|(?<=\s)and\s)|且"), r" \\land "),  # 3, 5 and 7
-    (re.compile(r"(?<!\\)\{\s*\}"), ""),  # empty groups left behind, as in 5{ }^{\circ}
+_REWRITES = [  # (pattern, replacement, the substring(s) it needs: a cheap test before the regex)
+    (re.compile(r"\\mathrm\s*\{\s*([ie])\s*\}"), r"\1", "\\mathrm"),  # \mathrm{i}, \mathrm{e}: constants, not units
+    (re.compile(r"\\text\s*\{\s*([ap])\.?\s*m\.?\s*\}"), r" \1m", "\\text"),  # 1:58 \text{ a.m.}
+    (re.compile(r"\b(?:np|numpy|math|sympy|sp)\.(?=[a-z])"), r"\\", "."),  # np.arcsin(10/13)
+    (re.compile(rf"(?<=[\w}}])\s*(?:\\[,;: ]|~)\s*[a-zA-Z]{{1,3}}{_POWER}\s*$"), "", ("\\", "~")),  # 576\pi\;m^{2}
+    (re.compile(r"\\\$|\\?%"), "", ("$", "%")),  # dollars, percent
+    (re.compile(r"\$|\\[()\[\]]"), "", ("$", "\\")),  # math delimiters
+    (re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])\.?|\\displaystyle"), "", "\\"),
+    (re.compile(r"\\[dtc]frac"), r"\\frac", "frac"),
+    (re.compile(r"\\[dt]binom"), r"\\binom", "binom"),
+    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree"), "", ("circ", "°", "degree")),  # degrees
+    (re.compile(r"\{,\}\s*|,\\!\s*"), ",", ("{,}", ",\\!")),  # 1{,}234 and 10,\!080
+    (re.compile(r"(?<=\d)(?:(?<!\\)\\[,;: ]|\s)+(?=\d{3}(?!\d))"), ",", None),  # 1\,234
+    (re.compile(r"(?<!\\)\\[!,;: ]|~|\\q?quad(?![a-zA-Z])"), " ", ("\\", "~")),  # spacing, not the \\ row break
+    (re.compile(rf",?\s*(?:{_TEXT_CMD}\s*\{{\s*or\s*\}}|(?<=\s)or\s)|或"), r" \\lor ", ("or", "或")),  # x<-1 or x>4
+    (re.compile(rf",?\s*(?:{_TEXT_CMD}\s*\{{\s*and\s*\}}|(?<=\s)and\s)|且"), r" \\land ", ("and", "且")),  # 3, 5 and 7
+    (re.compile(r"(?<!\\)\{\s*\}"), "", "{"),  # empty groups left behind, as in 5{ }^{\circ}
     (  # trailing units: 5 \text{ cm}^2, 3 \mathrm{m}/\mathrm{s}, 12 apples
         re.compile(rf"(?<=[\w}}).])(?:\s*(?:{_UNIT_TEXT}|/|\b(?:{_UNIT_WORD})\b){_POWER})+\s*$"),
         "",
+        None,
     ),
-    (re.compile(r"^[a-zA-Z]\s*\\in\s*"), ""),  # x \in [-2, 7]
-    (re.compile(r"(?<=\d)_\{?\(?\d+\)?\}?"), ""),  # base subscripts: 52_8 -> 52
+    (re.compile(r"^[a-zA-Z]\s*\\in\s*"), "", "\\in"),  # x \in [-2, 7]
+    (re.compile(r"(?<=\d)_\{?\(?\d+\)?\}?"), "", "_"),  # base subscripts: 52_8 -> 52
 ]
 _UNWRAP = re.compile(rf"{_TEXT_CMD}\s*\{{([^{{}}]*)\}}")  # \text{(C)} -> (C)
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -196,14 +206,18 @@ _UNICODE = str.maketrans({
 
 @lru_cache(maxsize=1 << 16)
 def _normalize(answer):
-    known = _VOCABULARY.get(_vocabulary_key(answer)) if len(answer) <= 60 else None
-    if known:
-        return known
+    if len(answer) <= 60 and (answer.lstrip()[:1].isalpha() or "\\text" in answer):  # words only
+        known = _VOCABULARY.get(_vocabulary_key(answer))
+        if known:
+            return known
     s = answer.translate(_UNICODE)
-    for pattern, repl in _REWRITES:
-        s = pattern.sub(repl, s)
+    for pattern, repl, needs in _REWRITES:
+        if needs is None or (needs in s if type(needs) is str else any(n in s for n in needs)):
+            s = pattern.sub(repl, s)
     for _ in range(3):  # nested, e.g. \textbf{\text{(C)}}
-        s = _UNWRAP.sub(r"\1", s)
+        s, n = _UNWRAP.subn(r"\1", s)
+        if not n:
+            break
     s = " ".join(s.split()).rstrip(" .")  # a sentence's full stop, not the point of .5
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
@@ -381,7 +395,7 @@ def _response_letters(text):
     """The letters a response chose: in its last box, else after its last cue ("Answer: D", "which
     corresponds to choice (A)", "故选 B"), else as its extracted answer."""
     for candidate in (_last_boxed(text), _last_cue(text), _answer_is(text)):
-        letters = _letters_in(candidate) if candidate else None
+        letters = _letters_in(candidate) if candidate and len(candidate) <= MAX_ANSWER_CHARS else None
         if letters:
             return letters
     return None
@@ -441,9 +455,9 @@ def _equal(x, y, deadline):
 
 
 def _labels(seq):
-    """For a list with labelled values ("p = 2, q = -5"): the values in label order when all are
-    labelled, else in written order; None when no two items share ... (an unlabelled list, or one
-    that lists solutions of one unknown, x = 1, x = -2)."""
+    """For a list with labelled values ("p = 2, q = -5"): {label: value} when all are labelled,
+    else the values in written order. None for an unlabelled list, and for one that lists the
+    solutions of one unknown (x = 1, x = -2), which compares as a set."""
     named = [v.lhs for v in seq.items if isinstance(v, Equation) and v.named]
     if not named or len(set(named)) != len(named):
         return None

@@ -218,6 +218,7 @@ CASES = {
         (B(r"[-\sqrt{3}, \sqrt{3}]"), r"(-\sqrt{3}, \sqrt{3})", False),
         (B(r"(-\infty,0)\cup\{1\}"), r"$(-\infty, 0) \cup\{1\}$", True),
         (B(r"(-\infty,0)\cup\{2\}"), r"$(-\infty, 0) \cup\{1\}$", False),
+        (B("x > 2"), r"(2, \infty)", True),  # an inequality is the set it describes
     ],
     "matrices": [
         (B(PMATRIX_2X2), PMATRIX_2X2, True),
@@ -311,7 +312,6 @@ CASES = {
 # Labels the verifier gets wrong, kept to measure agreement honestly.
 KNOWN_LIMITS = [
     (B("|x|"), "x", False),  # symbols are only tested at positive points
-    (B("x > 2"), r"(2, \infty)", True),  # inequalities are compared as text
 ]
 ALL_CASES = [(family, *case) for family, cases in CASES.items() for case in cases]
 
@@ -697,10 +697,19 @@ HOSTILE = {
     "991 minus signs": B("-" * 991 + "2"),
     "long answer": B("1+" * 600 + "1"),
     "symbolic huge power": B("(x+1)^{10000} - x"),
+    "50 nested set-builder sets": B(r"\{x \mid x \in " * 50 + r"\mathbb{R}" + r"\}" * 50),
+    "union of 70 intervals": B(r"\cup".join(f"({i},{i + 1})" for i in range(0, 140, 2))),
+    "chain of 300 equalities": B("=".join(["x"] * 300)),
+    "chain of 250 inequalities": B("<".join(["x", "1"] * 125)),
+    "128 sign choices": B("(" + ",".join([r"\pm 1"] * 7) + ")"),
+    "set-builder family of a huge power": B(r"\{9^{9^{k}} \mid k \in \mathbb{Z}\}"),
 }
 # Inputs that must stop at a bound (and be counted). Others are rejected without one: the 5000
 # parentheses lose their \boxed{ when the response is cut to its tail, Python is text, 1/0 undefined.
-BOUNDED = ["power tower", "300 nested parentheses", "2 MB boxed number", "huge factorial", "long answer"]
+BOUNDED = [
+    "power tower", "300 nested parentheses", "2 MB boxed number", "huge factorial", "long answer",
+    "50 nested set-builder sets", "128 sign choices",
+]
 
 
 # -- repetition loops: a collapsing model repeats one construct until it runs out of tokens.
