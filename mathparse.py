@@ -7,35 +7,35 @@ sympy is used as a passive tree. Only exact rational arithmetic is carried out (
 1024, \\frac{6}{8} becomes 3/4); everything else is built with evaluate=False. sympy's automatic
 simplification asks questions such as "is this number positive?", which it answers by running
 evalf at whatever precision it takes, and that can run for minutes on inputs like
-\\tan e^{(i+\\pi)!}. Values are instead computed by numeric() below, a small mpmath evaluator
-whose every step is guarded.
+\\tan e^{(i+\\pi)!}. Values are instead computed by mathnumeric.numeric(), a small mpmath
+evaluator whose every step is guarded.
 
 Work is bounded: nesting depth, the size of exact numbers, numeric exponents, and a wall-clock
 deadline checked at every atom. Breaking a bound raises BoundError, whose `reason` says which
 ("size", "depth" or "time"); text that is not a math answer we understand raises ParseError (the
 caller then compares it as text).
 
-Tuples, intervals, unordered lists, equations and matrices get small containers rather than
-sympy's Interval/FiniteSet/Union, which evaluate eagerly (merging, sorting, comparing) and
-cannot say that "(1, 2)" may be a point or an open interval.
+Tuples, intervals, unordered lists, equations, matrices, inequalities and sets (set-builder,
+\\mathbb{R}, differences) get small containers rather than sympy's Interval/FiniteSet/Union,
+which evaluate eagerly (merging, sorting, comparing) and cannot say that "(1, 2)" may be a point
+or an open interval. mathsets.py turns the set-like ones into canonical unions of intervals.
 """
 
 import fractions
 import math
 import re
-import threading
 import time
 from dataclasses import dataclass
 
-import mpmath
 import sympy as sp
 
+from mathnumeric import numeric
+
 MAX_DEPTH = 40  # nesting of brackets, braces, functions and exponents
+MAX_SIGN_CHOICES = 64  # (\\pm 1, \\pm 4) stands for 4 tuples; more than this many is a size bound
 MAX_DIGITS = 1000  # largest exact number, in decimal digits (100! has 158, 2^1009 has 304)
 MAX_EXPONENT = 10_000  # largest |numeric exponent|
 MAX_FACTORIAL = 450  # 450! has about 1000 digits
-MAX_ARGUMENT = 1e6  # numeric evaluation: largest |argument| of sin, exp, gamma, ...
-MAX_LOG2 = 1e5  # numeric evaluation: |log2 value| beyond this counts as overflow
 PARSE_SECONDS = 0.5  # default deadline of parse()
 
 
@@ -56,6 +56,7 @@ class BoundError(RuntimeError):
 class Seq:
     items: tuple
     kind: str  # "tuple": (a, b), ordered | "list": bare a, b (all solutions) | "set": \{a, b\}
+    seps: tuple = ()  # between items: "," (also ;), "or", "and"; says how conditions combine
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,31 @@ class Matrix:
     rows: tuple
 
 
+@dataclass(frozen=True)
+class Condition:
+    """A chain of inequalities or a membership: -2 < x <= 5, x \\ne 1, k \\in \\mathbb{Z}."""
+
+    items: tuple  # expressions; after "in", a set
+    ops: tuple  # "<", "<=", ">", ">=", "!=", "in"
+
+
+@dataclass(frozen=True)
+class SetBuilder:
+    head: object  # x in \\{x | x > 0\\}, 3k in \\{3k | k \\in \\mathbb{Z}\\}
+    conditions: Seq
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str  # the letter of \\mathbb{R}, \\mathbb{Z}, ...
+
+
+@dataclass(frozen=True)
+class SetDifference:
+    left: object
+    right: object
+
+
 def children(value):
     """The values a container holds (nothing for a sympy expression)."""
     if isinstance(value, Seq):
@@ -95,6 +121,12 @@ def children(value):
         return (value.lhs, value.rhs)
     if isinstance(value, Matrix):
         return tuple(x for row in value.rows for x in row)
+    if isinstance(value, Condition):
+        return value.items
+    if isinstance(value, SetBuilder):
+        return (value.head, value.conditions)
+    if isinstance(value, SetDifference):
+        return (value.left, value.right)
     return ()
 
 
@@ -106,7 +138,7 @@ _TOKEN = re.compile(
   | (?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
   | (?P<cmd>\\[a-zA-Z]+|\\[{}|\\])
   | (?P<name>[a-zA-Z])
-  | (?P<op>[-+*/^_!=(),\[\]{}|&])
+  | (?P<op>[-+*/^_!=(),;:<>\[\]{}|&])
     """,
     re.X,
 )
@@ -122,7 +154,15 @@ _FUNCS = {
 }
 _INVERSE = {"sin": "arcsin", "cos": "arccos", "tan": "arctan"}  # \sin^{-1} x
 _CONSTANTS = {r"\pi": sp.pi, r"\infty": sp.oo, r"\infin": sp.oo}
-_EMPTY = {r"\emptyset", r"\varnothing"}
+_EMPTY = {r"\emptyset", r"\varnothing", r"\oslash"}
+_RELATIONS = {
+    "=": "=", "<": "<", ">": ">", r"\lt": "<", r"\gt": ">", r"\ne": "!=", r"\neq": "!=", r"\in": "in",
+    **dict.fromkeys((r"\le", r"\leq", r"\leqslant", r"\leqq"), "<="),
+    **dict.fromkeys((r"\ge", r"\geq", r"\geqslant", r"\geqq"), ">="),
+}
+_SEPARATORS = {",": ",", ";": ",", r"\lor": "or", r"\land": "and"}
+_SUCH_THAT = {r"\mid", "|", ":"}
+_ACCENTS = {r"\bar", r"\hat", r"\vec", r"\overline", r"\tilde", r"\overrightarrow", r"\dot"}
 _GREEK = set(
     "alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu "
     "xi rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi "
@@ -142,10 +182,10 @@ def parse(text, deadline=None):
     if deadline is None:
         deadline = time.perf_counter() + PARSE_SECONDS
     parser = _Parser(_tokenize(text), deadline)
-    items = parser.listed(parser.relation)
+    items, seps = parser.listed(parser.relation)
     if parser.peek() is not None:
         raise ParseError(f"unexpected {parser.peek()!r}")
-    return items[0] if len(items) == 1 else Seq(tuple(items), "list")
+    return items[0] if len(items) == 1 else Seq(tuple(items), "list", tuple(seps))
 
 
 def _tokenize(text):
@@ -184,14 +224,23 @@ class _Parser:
         if self.take() != text:
             raise ParseError(f"expected {text!r}")
 
-    # -- answer level: comma lists, equations, unions
+    # -- answer level: lists, equations, inequalities, unions
     def listed(self, parse_item):
-        """Comma-separated items; an item with \\pm is parsed twice and stands for two values."""
-        items = self.with_pm(parse_item)
-        while self.peek() == ",":
-            self.i += 1
-            items += self.with_pm(parse_item)
-        return items
+        """Items separated by , ; \\lor \\land, and the separators. An item with \\pm is parsed
+        twice and stands for two values; a tuple with several stands for all their sign choices."""
+        items, seps = self.with_pm(parse_item), []
+        while self.peek() in _SEPARATORS:
+            sep = _SEPARATORS[self.take()]
+            more = self.with_pm(parse_item)
+            seps += [sep] + [","] * (len(more) - 1)
+            items += more
+        seps = [","] * (len(items) - 1 - len(seps)) + seps  # the second value of a leading \\pm
+        flat, flat_seps = [], []
+        for k, item in enumerate(items):  # sign choices of a tuple are listed in its place
+            parts = item.items if isinstance(item, Seq) and item.kind == "choices" else (item,)
+            flat_seps += ([seps[k - 1]] if k else []) + [","] * (len(parts) - 1)
+            flat += parts
+        return flat, flat_seps
 
     def with_pm(self, parse_item):
         outer, start = (self.pm, self.saw_pm), self.i
@@ -204,12 +253,21 @@ class _Parser:
         return items
 
     def relation(self):
+        """x = 5, a chain a = b = c (which states c), or a chain of inequalities."""
         named = self._name_then_equals()
-        lhs = self.union()
-        if self.peek() != "=":
-            return lhs
-        self.i += 1
-        return Equation(_expr(lhs), self.union(), named)
+        items, ops = [self.union()], []
+        while self.peek() in _RELATIONS:
+            ops.append(_RELATIONS[self.take()])
+            items.append(self.union())
+        if not ops:
+            return items[0]
+        if all(op == "=" for op in ops):
+            return Equation(_expr(items[0]), items[-1], named)
+        if "=" in ops or ("in" in ops and len(ops) > 1):
+            raise ParseError("mixed relations")
+        if ops[0] == "in":
+            return Condition((_expr(items[0]), items[1]), tuple(ops))
+        return Condition(tuple(_expr(x) for x in items), tuple(ops))
 
     def _name_then_equals(self):
         """Lookahead: name [_sub] [(names)] '=' -- as in x = 5, a_{1} = 2, f(x) = 2x."""
@@ -219,7 +277,9 @@ class _Parser:
             return toks[j][1] if j < len(toks) else None
 
         j = self.i
-        if at(j) is None or not (toks[j][0] == "name" or at(j)[1:] in _GREEK):
+        if at(j) in _ACCENTS and at(j + 1) == "{" and at(j + 3) == "}":  # \\bar{x} = 4/7
+            j += 3
+        elif at(j) is None or not (toks[j][0] == "name" or at(j)[1:] in _GREEK):
             return False
         j += 1
         if at(j) == "_":
@@ -238,6 +298,14 @@ class _Parser:
         return at(j) == "="
 
     def union(self):
+        """A \\cup B \\cup C, then \\setminus D: \\mathbb{R} \\setminus [0, 1]."""
+        value = self._cups()
+        while self.peek() in (r"\setminus", r"\backslash"):
+            self.i += 1
+            value = SetDifference(value, self._cups())
+        return value
+
+    def _cups(self):
         parts = [self.expr()]
         while self.peek() == r"\cup":
             self.i += 1
@@ -282,13 +350,13 @@ class _Parser:
 
     def _starts_factor(self):
         kind, tok = self.kind(), self.peek()
-        if kind in ("num", "name") or tok in ("(", "{"):
+        if kind in ("num", "name") or tok in ("(", "{") or kind == "env" and tok.startswith(r"\begin"):
             return True
         if tok == "|":
             return self.bars == 0  # inside |...| a bar closes
         return kind == "cmd" and (
             tok in _FRAC or tok in _BINOM or tok in _CONSTANTS or tok[1:] in _FUNCS
-            or tok[1:] in _GREEK or tok in (r"\sqrt", r"\lfloor", r"\lceil")
+            or tok[1:] in _GREEK or tok in (r"\sqrt", r"\lfloor", r"\lceil") or tok in _ACCENTS
         )
 
     def power(self):
@@ -345,9 +413,7 @@ class _Parser:
             self.expect("}")
             return value
         if tok == r"\{":
-            items = self.listed(self.expr) if self.peek() != r"\}" else []
-            self.expect(r"\}")
-            return Seq(tuple(items), "set")
+            return self.braced_set()
         if tok == "|":
             self.bars += 1
             value = self.expr()
@@ -368,6 +434,16 @@ class _Parser:
             return _CONSTANTS[tok]
         if tok in _EMPTY:
             return Seq((), "set")
+        if tok == r"\mathbb":
+            self.expect("{")
+            name = self.take()
+            self.expect("}")
+            return Domain(name)
+        if tok in _ACCENTS:
+            letter = self.arg()
+            if not isinstance(letter, sp.Symbol):
+                raise ParseError("accent on a non-name")
+            return sp.Symbol(f"{letter}_{tok[1:]}")
         if tok[1:] in _FUNCS:
             return self.function(tok[1:])
         raise ParseError(f"unsupported {tok!r}")
@@ -406,11 +482,51 @@ class _Parser:
         self.i += 1
         return _div(self.arg(), self.arg())
 
+    def braced_set(self):
+        """\\{1, 2\\} or set-builder \\{x \\mid x > 0\\}, \\{3k \\mid k \\in \\mathbb{Z}\\}; after the \\{."""
+        if self.peek() == r"\}":
+            self.i += 1
+            return Seq((), "set")
+        self.bars += 1  # in \\{x | x > 0\\} the bar separates, it does not open |x|
+        items, seps = self.listed(self.expr)
+        self.bars -= 1
+        if self.peek() in _SUCH_THAT and len(items) == 1:
+            self.i += 1
+            conditions, seps = self.listed(self.relation)
+            self.expect(r"\}")
+            return SetBuilder(items[0], Seq(tuple(conditions), "list", tuple(seps)))
+        self.expect(r"\}")
+        return Seq(tuple(items), "set")
+
     def name(self, letter):
+        if letter == "C" and self._binomial_ahead():  # C_{n}^{k}, the binomial coefficient
+            self.i += 1
+            n = self.arg()
+            self.expect("^")
+            return _binomial(n, self.arg())
         if self.peek() == "_":
             self.i += 1
             return sp.Symbol(f"{letter}_{self.subscript()}")
         return {"e": sp.E, "i": sp.I}.get(letter) or sp.Symbol(letter)
+
+    def _binomial_ahead(self):
+        """C_{400}^{40} or C_5^2: integer literals as subscript and superscript."""
+        ahead = [t for _, t in self.tokens[self.i : self.i + 8]]
+        j = 0
+        for _ in range(2):
+            if ahead[j : j + 1] not in (["_"], ["^"]):
+                return False
+            j += 1
+            if ahead[j : j + 1] == ["{"]:
+                j += 1
+                if not (ahead[j : j + 1] and ahead[j].isdigit() and ahead[j + 1 : j + 2] == ["}"]):
+                    return False
+                j += 2
+            elif ahead[j : j + 1] and ahead[j].isdigit():
+                j += 1
+            else:
+                return False
+        return ahead[0] == "_" and "^" in ahead
 
     def subscript(self):
         if self.peek() != "{":
@@ -425,8 +541,11 @@ class _Parser:
         return "".join(parts)
 
     def bracket(self, open_):
-        """(a) is grouping; (a, b) a tuple or open interval; [a, b], (a, b], [a, b) intervals."""
-        items = [self.expr()]  # a \pm in a tuple makes two tuples, see with_pm()
+        """(a) is grouping; (a, b) a tuple or open interval; [a, b], (a, b], [a, b) intervals.
+        Each \\pm in a tuple is a sign of its own: (\\pm 1, \\pm 4) stands for four tuples."""
+        if open_ == "(" and self._pm_in_tuple():
+            return self.signed_tuples()
+        items = [self.expr()]  # a \pm elsewhere makes two values, see with_pm()
         while self.peek() == ",":
             self.i += 1
             items.append(self.expr())
@@ -442,6 +561,37 @@ class _Parser:
         if len(items) == 2:
             return Interval(_expr(items[0]), _expr(items[1]), open_ == "(", close == ")")
         raise ParseError("bracketed list")
+
+    def _pm_in_tuple(self):
+        """Lookahead: this ( group has a top-level comma and a \\pm somewhere."""
+        depth, comma, pm = 0, False, False
+        for _, t in self.tokens[self.i : self.i + 200]:
+            if t in ("(", "[", "{", r"\{"):
+                depth += 1
+            elif t in (")", "]", "}", r"\}"):
+                if depth == 0:
+                    return comma and pm
+                depth -= 1
+            comma |= t == "," and depth == 0
+            pm |= t in (r"\pm", r"\mp")
+        return False
+
+    def signed_tuples(self):
+        """(a, \\pm b, ...) after its (: the tuples of every sign choice, as Seq kind "choices"."""
+        choices = [()]
+        while True:
+            values = self.with_pm(self.expr)
+            choices = [c + (v,) for c in choices for v in values]
+            if len(choices) > MAX_SIGN_CHOICES:
+                raise BoundError("size", "too many sign choices")
+            if self.peek() != ",":
+                break
+            self.i += 1
+        self.expect(")")
+        if len(choices[0]) < 2:
+            raise ParseError("signs in a group")
+        tuples = tuple(Seq(c, "tuple") for c in choices)
+        return tuples[0] if len(tuples) == 1 else Seq(tuples, "choices")
 
     def sqrt(self):
         if self.peek() == "[":  # \sqrt[3]{x}
@@ -538,6 +688,10 @@ def _add(a, b):
 def _mul(a, b):
     if a == 1:  # the sign of a term; keeps trees free of 1*x
         return b
+    if isinstance(b, Matrix) and isinstance(a, sp.Expr):  # a scalar factored out: \\frac13 (1, 2, 2)
+        return Matrix(tuple(tuple(_mul(a, x) for x in row) for row in b.rows))
+    if isinstance(b, Seq) and b.kind == "tuple" and isinstance(a, sp.Expr):
+        return Seq(tuple(_mul(a, x) for x in b.items), "tuple")
     if a == -1 and b in (sp.oo, -sp.oo):  # -\infty
         return a * b
     if _finite(a).is_Rational and _finite(b).is_Rational:
@@ -599,78 +753,3 @@ def _binomial(n, k):
             raise BoundError("size", "binomial too large")
         return sp.binomial(n, k)
     return sp.binomial(n, k, evaluate=False)
-
-
-# -- numeric evaluation with mpmath, every step guarded (sympy's evalf can spend minutes on
-# -- exp(exp(exp(10))) or on the sign of sin(10^999))
-
-_MP_FUNCS = {
-    sp.sin: "sin", sp.cos: "cos", sp.tan: "tan", sp.cot: "cot", sp.sec: "sec", sp.csc: "csc",
-    sp.asin: "asin", sp.acos: "acos", sp.atan: "atan", sp.sinh: "sinh", sp.cosh: "cosh",
-    sp.tanh: "tanh", sp.exp: "exp", sp.log: "log", sp.Abs: "fabs", sp.floor: "floor",
-    sp.ceiling: "ceil", sp.factorial: "factorial", sp.binomial: "binomial",
-}
-_SAFE_FOR_HUGE = {sp.log, sp.Abs, sp.floor, sp.ceiling}  # no argument reduction or growth
-_LOCAL = threading.local()
-
-
-def _context():
-    """One mpmath context per thread: mpmath functions raise and restore the working precision
-    of their context, which threads sharing one context would leave permanently raised."""
-    if not hasattr(_LOCAL, "mp"):
-        _LOCAL.mp = mpmath.MPContext()
-        _LOCAL.mp.prec = 96  # about 29 significant digits; the comparison tolerances are far looser
-    return _LOCAL.mp
-
-
-class _Undefined(ArithmeticError):
-    pass
-
-
-def numeric(expr, env=None):
-    """Value of a sympy expression as an mpmath number (symbols taken from env), or None when it
-    is undefined there, overflows, or uses something we do not evaluate (oo)."""
-    mp = _context()
-    try:
-        return _ev(expr, {k: mp.mpf(v) for k, v in (env or {}).items()}, mp)
-    except (ArithmeticError, ValueError, TypeError, KeyError):
-        return None
-
-
-def _ev(e, env, mp):
-    if e.is_Rational:
-        v = mp.mpf(e.p) / e.q
-    elif e.is_Symbol:
-        v = env[e]
-    elif e is sp.pi:
-        v = mp.pi
-    elif e is sp.E:
-        v = mp.e
-    elif e is sp.I:
-        v = mp.mpc(0, 1)
-    elif e.is_Add:
-        v = mp.fsum(_ev(a, env, mp) for a in e.args)
-    elif e.is_Mul:
-        v = mp.fprod(_ev(a, env, mp) for a in e.args)
-    elif e.is_Pow:
-        v = _power(_ev(e.base, env, mp), _ev(e.exp, env, mp), mp)
-    elif e.func in _MP_FUNCS:
-        args = [_ev(a, env, mp) for a in e.args]
-        if e.func not in _SAFE_FOR_HUGE and any(abs(a) > MAX_ARGUMENT for a in args):
-            raise _Undefined("argument too large")
-        v = getattr(mp, _MP_FUNCS[e.func])(*args)
-    else:
-        raise _Undefined(f"cannot evaluate {e.func}")
-    if not mp.isfinite(v) or (v != 0 and mp.mag(v) > MAX_LOG2):
-        raise _Undefined("overflow")
-    return v
-
-
-def _power(b, x, mp):
-    if b == 0:
-        if mp.re(x) > 0:
-            return mp.zero
-        raise _Undefined("0 to a non-positive power")
-    if abs(x) * (abs(mp.log(abs(b))) + 1) > MAX_LOG2:
-        raise _Undefined("power too large")
-    return b**x

@@ -5,16 +5,25 @@
 
 Equivalence, cheapest test first:
   1. the normalised strings are equal (units, \\text, \\left, \\dfrac, thousands separators,
-     degrees, %, $ ... removed), which settles most correct answers;
+     degrees, %, $ ... removed; a few fixed vocabularies spelled one way), which settles most
+     correct answers;
   2. both answers are parsed (mathparse.py) into sympy objects and compared by structure:
-     tuples in order, bare lists and sets in any order, intervals with their open/closed ends,
-     unions part by part, matrices entry by entry, "x = 5" against "5", equations up to a
-     constant factor, and multiple-choice letters / text answers as normalised text;
+     tuples in order, bare lists and sets in any order, labelled values ("p = 2, q = -5") by
+     label, matrices entry by entry, "x = 5" against "5", a chain "t = ... = 10 ln 18" by its last
+     member, equations up to a constant factor; inequalities, intervals, unions, set-builder sets
+     and differences as sets of reals (mathsets.py), so "x < -1 or x > 4" is (-oo,-1) U (4,oo);
   3. numbers: exactly when both are rational (0.33 != 1/3), otherwise with relative tolerance
-     REL_TOL = 1e-6 (so a rounded 3.14 does not match \\pi, but 1.4142136 matches \\sqrt{2});
+     REL_TOL = 1e-6 (so a rounded 3.14 does not match \\pi, but 1.4142136 matches \\sqrt{2}); a
+     gold written as a decimal with 2+ significant digits is rounded, and an exact answer that
+     rounds to it matches; a percentage may stand for a probability (37.5\\% for 0.375);
   4. expressions: equal values at three fixed generic points (SYM_TOL), computed with guarded
-     mpmath arithmetic. This decides x^2+2x+1 = (x+1)^2 or \\cot x = \\cos x/\\sin x without
+     mpmath arithmetic (mathnumeric.py), the arbitrary constant of a general solution under any
+     of its usual names. This decides x^2+2x+1 = (x+1)^2 or \\cot x = \\cos x/\\sin x without
      sympy.simplify, expand or evalf, whose running time on untrusted input is unbounded.
+A gold that restates itself ("-1<x\\le 1:(-1,1]") matches any of its statements. A gold that is
+an option letter is matched by the letter the response chose ("Answer: D", "choice (A)", "故选 B").
+Free paraphrase is out of scope: text answers match only as normalised text or through the fixed
+vocabularies (no solution, diverges/converges, even/odd/neither, quadrants, times of day).
 
 Safety: model text is never evaluated as Python; mathparse builds sympy objects from a
 whitelist and lets sympy compute nothing but exact rational arithmetic. Work is bounded by
@@ -36,9 +45,9 @@ from functools import lru_cache
 
 import sympy as sp
 
-from mathparse import (
-    BoundError, Equation, Interval, Matrix, ParseError, Seq, SetUnion, children, numeric, parse,
-)
+from mathnumeric import numeric
+from mathparse import BoundError, Equation, Interval, Matrix, ParseError, Seq, SetUnion, children, parse
+from mathsets import equal_sets, is_set_like, real_set
 
 MAX_RESPONSE_CHARS = 10_000  # the answer sits at the end; a 2 MB response is cut to its tail
 MAX_ANSWER_CHARS = 1_000  # longer extracted answers are rejected (and counted as bound hits)
@@ -85,10 +94,27 @@ def extract_answer(text: str, last_number: bool = True) -> str | None:
         answer = find(text)
         if answer:
             return answer
-    if last_number:
-        numbers = _NUMBER.findall(text)
-        return numbers[-1] if numbers else None
-    return None
+    return _last_number(text) if last_number else None
+
+
+_SENTENCE_END = re.compile(r"\n|(?<!\b[a-zA-Z])[.!?](?:\s|$)")  # not the points of i.e. or a.m.
+_RESTATED = re.compile(r"\b(?:that is|i\.e\.|in other words|which is|or)(?![a-z])|\(", re.IGNORECASE)
+
+
+def _last_number(text):
+    """The last number of the text; but in "90 seconds, that is 1.5 minutes" or "35 seconds (0.58
+    minutes)" the number that is restated, not its restatement."""
+    numbers = list(_NUMBER.finditer(text))
+    if not numbers:
+        return None
+    last, start = numbers[-1], 0
+    for m in _SENTENCE_END.finditer(text, 0, last.start()):
+        start = m.end()
+    sentence = [m for m in numbers if m.start() >= start]
+    cut = _RESTATED.search(text, sentence[0].end(), last.start())
+    if cut is None:
+        return last.group()
+    return [m for m in sentence if m.end() <= cut.start()][-1].group()
 
 
 def _last_boxed(text):
@@ -140,46 +166,96 @@ def _gold_answer(gold):
 
 # -- normalisation: LaTeX variants that mean the same answer
 
-_UNIT_TEXT = r"\\(?:text|textrm|textnormal|mbox|mathrm)\s*\{[^{}]*\}"
+_UNIT_TEXT = r"\\(?:text|textrm|textnormal|mbox|mathrm)\s*\{(?:[^{}]|\{[^{}]*\})*\}"  # \mathrm{erg\,s^{-1}}
+_POWER = r"(?:\s*\^\s*\{?-?\d\}?)?"  # m^2, s^{-1}
 _UNIT_WORD = r"[a-zA-Z]{3,}|cm|mm|km|ft|kg|mi|hr|lb|oz|ml"  # bare words; single letters may be variables
 _TEXT_CMD = r"\\(?:text|textbf|textrm|textit|textnormal|mathbf|mathrm|mathit|mbox|boldsymbol|emph)"
-_REWRITES = [
-    (re.compile(r"\\\$|\\?%"), ""),  # dollars, percent
-    (re.compile(r"\$|\\[()\[\]]"), ""),  # math delimiters
-    (re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])\.?|\\displaystyle"), ""),
-    (re.compile(r"\\[dtc]frac"), r"\\frac"),
-    (re.compile(r"\\[dt]binom"), r"\\binom"),
-    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree"), ""),  # degrees
-    (re.compile(r"\{,\}\s*|,\\!\s*"), ","),  # 1{,}234 and 10,\!080
-    (re.compile(r"(?<=\d)(?:(?<!\\)\\[,;: ]|\s)+(?=\d{3}(?!\d))"), ","),  # 1\,234
-    (re.compile(r"(?<!\\)\\[!,;: ]|~|\\q?quad(?![a-zA-Z])"), " "),  # spacing, not the \\ row break
-    (re.compile(rf",?\s*(?:{_TEXT_CMD}\s*\{{\s*(?:or|and)\s*\}}|\s(?:or|and)\s)"), ","),  # 1, 2 and 3
-    (re.compile(r"(?<!\\)\{\s*\}"), ""),  # empty groups left behind, as in 5{ }^{\circ}
+_REWRITES = [  # (pattern, replacement, the substring(s) it needs: a cheap test before the regex)
+    (re.compile(r"\\mathrm\s*\{\s*([ie])\s*\}"), r"\1", "\\mathrm"),  # \mathrm{i}, \mathrm{e}: constants, not units
+    (re.compile(r"\\text\s*\{\s*([ap])\.?\s*m\.?\s*\}"), r" \1m", "\\text"),  # 1:58 \text{ a.m.}
+    (re.compile(r"\b(?:np|numpy|math|sympy|sp)\.(?=[a-z])"), r"\\", "."),  # np.arcsin(10/13)
+    (re.compile(rf"(?<=[\w}}])\s*(?:\\[,;: ]|~)\s*[a-zA-Z]{{1,3}}{_POWER}\s*$"), "", ("\\", "~")),  # 576\pi\;m^{2}
+    (re.compile(r"\\\$|\\?%"), "", ("$", "%")),  # dollars, percent
+    (re.compile(r"\$|\\[()\[\]]"), "", ("$", "\\")),  # math delimiters
+    (re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])\.?|\\displaystyle"), "", "\\"),
+    (re.compile(r"\\[dtc]frac"), r"\\frac", "frac"),
+    (re.compile(r"\\[dt]binom"), r"\\binom", "binom"),
+    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree"), "", ("circ", "°", "degree")),  # degrees
+    (re.compile(r"\{,\}\s*|,\\!\s*"), ",", ("{,}", ",\\!")),  # 1{,}234 and 10,\!080
+    (re.compile(r"(?<=\d)(?:(?<!\\)\\[,;: ]|\s)+(?=\d{3}(?!\d))"), ",", None),  # 1\,234
+    (re.compile(r"(?<!\\)\\[!,;: ]|~|\\q?quad(?![a-zA-Z])"), " ", ("\\", "~")),  # spacing, not the \\ row break
+    (re.compile(rf",?\s*(?:{_TEXT_CMD}\s*\{{\s*or\s*\}}|(?<=\s)or\s)|或"), r" \\lor ", ("or", "或")),  # x<-1 or x>4
+    (re.compile(rf",?\s*(?:{_TEXT_CMD}\s*\{{\s*and\s*\}}|(?<=\s)and\s)|且"), r" \\land ", ("and", "且")),  # 3, 5 and 7
+    (re.compile(r"(?<!\\)\{\s*\}"), "", "{"),  # empty groups left behind, as in 5{ }^{\circ}
     (  # trailing units: 5 \text{ cm}^2, 3 \mathrm{m}/\mathrm{s}, 12 apples
-        re.compile(rf"(?<=[\w}}).])(?:\s*(?:{_UNIT_TEXT}|/|\b(?:{_UNIT_WORD})\b)(?:\s*\^\s*\{{?\d\}}?)?)+\s*$"),
+        re.compile(rf"(?<=[\w}}).])(?:\s*(?:{_UNIT_TEXT}|/|\b(?:{_UNIT_WORD})\b){_POWER})+\s*$"),
         "",
+        None,
     ),
-    (re.compile(r"^[a-zA-Z]\s*\\in\s*"), ""),  # x \in [-2, 7]
-    (re.compile(r"(?<=\d)_\{?\(?\d+\)?\}?"), ""),  # base subscripts: 52_8 -> 52
+    (re.compile(r"^[a-zA-Z]\s*\\in\s*"), "", "\\in"),  # x \in [-2, 7]
+    (re.compile(r"(?<=\d)_\{?\(?\d+\)?\}?"), "", "_"),  # base subscripts: 52_8 -> 52
 ]
 _UNWRAP = re.compile(rf"{_TEXT_CMD}\s*\{{([^{{}}]*)\}}")  # \text{(C)} -> (C)
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_CHOICE = re.compile(r"\(([A-E])\).*|([A-E])")  # (C), C, or (C) 12
-_UNICODE = str.maketrans({"−": "-", "×": r"\times ", "·": r"\cdot ", "π": r"\pi ", "∞": r"\infty "})
+_CHOICE = re.compile(r"\(?([A-K])\)(?:\s.*)?|([A-K])")  # (C), C), C, or (C) 12
+_UNICODE = str.maketrans({
+    "−": "-", "×": r"\times ", "·": r"\cdot ", "π": r"\pi ", "∞": r"\infty ", "≤": r"\le ", "≥": r"\ge ",
+    "≠": r"\ne ", "∈": r"\in ", "∪": r"\cup ", "；": ";", "，": ",", "：": ":",
+})
 
 
 @lru_cache(maxsize=1 << 16)
 def _normalize(answer):
+    if len(answer) <= 60 and (answer.lstrip()[:1].isalpha() or "\\text" in answer):  # words only
+        known = _VOCABULARY.get(_vocabulary_key(answer))
+        if known:
+            return known
     s = answer.translate(_UNICODE)
-    for pattern, repl in _REWRITES:
-        s = pattern.sub(repl, s)
+    for pattern, repl, needs in _REWRITES:
+        if needs is None or (needs in s if type(needs) is str else any(n in s for n in needs)):
+            s = pattern.sub(repl, s)
     for _ in range(3):  # nested, e.g. \textbf{\text{(C)}}
-        s = _UNWRAP.sub(r"\1", s)
+        s, n = _UNWRAP.subn(r"\1", s)
+        if not n:
+            break
     s = " ".join(s.split()).rstrip(" .")  # a sentence's full stop, not the point of .5
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
     choice = _CHOICE.fullmatch(s)
-    return choice.group(1) or choice.group(2) if choice else s
+    if choice:
+        return choice.group(1) or choice.group(2)
+    time = _TIME.fullmatch(s)
+    return f"{int(time[1])}:{time[2] or '00'} {time[3]}m" if time else s
+
+
+# -- text answers: a few fixed vocabularies, each mapped to one spelling. Free paraphrase ("the
+# -- series does not converge") is out of scope: it is compared as text and does not match.
+
+_VOCABULARY = {
+    **dict.fromkeys(("nosolution", "nosolutions", "norealsolution", "norealsolutions", "norealroots",
+                     "nosolutionexists", "noneexist", "none"), r"\varnothing"),
+    **dict.fromkeys(("allrealnumbers", "allreals", "allrealx", "allx", "everyrealnumber"), r"\mathbb{R}"),
+    **dict.fromkeys(("diverges", "divergent", "itdiverges", "isdivergent"), "diverges"),
+    **dict.fromkeys(("converges", "convergent", "itconverges", "isconvergent"), "converges"),
+    **dict.fromkeys(("convergesconditionally", "conditionallyconvergent", "convergentconditionally"),
+                    "converges conditionally"),
+    **dict.fromkeys(("convergesabsolutely", "absolutelyconvergent", "convergentabsolutely"),
+                    "converges absolutely"),
+    **dict.fromkeys(("even", "evenfunction", "itiseven"), "even"),
+    **dict.fromkeys(("odd", "oddfunction", "itisodd"), "odd"),
+    **dict.fromkeys(("neither", "neitherevennorodd", "neitheroddnoreven"), "neither"),
+    **{key: f"quadrant {n}" for n, names in enumerate(
+        (("i", "1", "first", "一"), ("ii", "2", "second", "二"), ("iii", "3", "third", "三"), ("iv", "4", "fourth", "四")),
+        start=1) for name in names for key in (f"quadrant{name}", f"{name}quadrant", f"第{name}象限")},
+}
+_TIME = re.compile(r"(\d{1,2})(?::(\d\d))?\s*([ap])\.?\s*m\.?")  # 7:05 p.m., 5am
+_NOT_A_WORD = re.compile(rf"{_TEXT_CMD}|\\mathrm|[^\w]")
+
+
+def _vocabulary_key(answer):
+    """\\text{The first quadrant.} -> firstquadrant"""
+    key = _NOT_A_WORD.sub("", answer.casefold())
+    return key[3:] if key.startswith("the") and key[3:] in _VOCABULARY else key
 
 
 def _key(s):
@@ -195,12 +271,22 @@ def _parse(answer, deadline):
     value = _PARSED.get(answer, _MISSING)
     if value is _MISSING:
         try:
-            value = parse(answer, deadline)
+            value = _restated(parse(answer, deadline))
         except ParseError:
             value = None
         if len(_PARSED) >= 1 << 14:
             _PARSED.clear()
         _PARSED[answer] = value
+    return value
+
+
+def _restated(value):
+    """An equation that only works a value out ("\\ln(e^5) = 5", "i^{15} = ... = -i") states its
+    last member; so do the items of a list of them."""
+    if isinstance(value, Equation) and not value.lhs.free_symbols and isinstance(value.rhs, sp.Expr):
+        return value.rhs
+    if isinstance(value, Seq) and value.kind == "list":
+        return Seq(tuple(_restated(v) for v in value.items), value.kind, value.seps)
     return value
 
 
@@ -211,8 +297,12 @@ def verify(response: str, gold: str) -> bool:
     """Is the final answer of `response` equivalent to the reference `gold`?"""
     deadline = time.perf_counter() + TIME_LIMIT_S
     try:
+        gold = _gold_answer(str(gold))
+        letters = _gold_letters(gold)
+        if letters:  # multiple choice: the letter is the answer
+            return _response_letters(response[-MAX_RESPONSE_CHARS:]) == letters
         answer = extract_answer(response)
-        return answer is not None and _equivalent(_gold_answer(str(gold)), answer, deadline)
+        return answer is not None and _equivalent(gold, answer, deadline)
     except BoundError as e:
         _count_bound(e.reason)
     except RecursionError:  # Python's stack, a net behind mathparse.MAX_DEPTH
@@ -227,10 +317,109 @@ def _equivalent(gold, answer, deadline):
     _tick(deadline)  # extraction and normalisation, bounded by length, count against the deadline
     if _key(g) == _key(a):
         return True
+    percent = ("%" in gold) != ("%" in answer)
+    return any(_match(candidate, a, percent and "%" in gold, percent and "%" in answer, deadline)
+               for candidate in _restatements(g))
+
+
+def _match(g, a, gold_percent, answer_percent, deadline):
     gv, av = _parse(g, deadline), _parse(a, deadline)
     if gv is None or av is None:  # text answers such as \text{East}
         return _key(g).casefold() == _key(a).casefold()
-    return _equal(gv, av, deadline)
+    if _equal(gv, av, deadline) or _within_rounding(g, gv, a, av):
+        return True
+    if gold_percent or answer_percent:  # 37.5\% against 0.375: a probability as a percentage
+        gv, av = (_percent(gv) if gold_percent else gv), (_percent(av) if answer_percent else av)
+        return _equal(gv, av, deadline)
+    return False
+
+
+_RESTATEMENT = re.compile(r"(?<!\d):|:(?!\d)|,?\s*\bi\.\s?e\.,?")  # not the colon of 1:58 or 1:9  # 0<x\le 2: (0,2], \{...\}, i.e., all x
+
+
+@lru_cache(maxsize=1 << 12)
+def _restatements(gold):
+    """A gold and, when it restates itself ("-1<x\\le 1:(-1,1]"), each of its statements, last first."""
+    parts = [p.strip() for p in _RESTATEMENT.split(gold)]
+    if len(parts) == 1 or len(parts) > 4 or not all(parts):
+        return (gold,)
+    return (gold, *(_normalize(p) for p in reversed(parts)))
+
+
+def _percent(value):
+    if isinstance(value, Seq):
+        return Seq(tuple(_percent(v) for v in value.items), value.kind, value.seps)
+    if isinstance(value, sp.Expr) and value.is_Rational:
+        return value / 100
+    return value
+
+
+_DECIMAL = re.compile(r"-?(\d*)\.?(\d*)(?:e(-?\d+)|\s*\\times\s*10\s*\^\s*\{?(-?\d+)\}?)?")
+
+
+def _within_rounding(g, gv, a, av):
+    """A gold written as a decimal with 2 or more significant digits (Minerva's 0.53, 2.7778e-6)
+    is rounded: an exact answer (\\frac{\\ln 2}{1.3}, \\frac{1}{360000}) matches it when it rounds to
+    it. An answer that is itself a rounded decimal does not: 0.52 is not 0.5 (see REL_TOL)."""
+    gold = _DECIMAL.fullmatch(g)
+    if gold is None or "." not in g or _DECIMAL.fullmatch(a) or not isinstance(av, sp.Expr) or av.free_symbols:
+        return False
+    whole, fraction, exp_e, exp_times = gold.groups()
+    digits = (whole + fraction).lstrip("0")
+    if len(digits) < 2:
+        return False
+    half_unit = 0.5 * 10.0 ** (int(exp_e or exp_times or 0) - len(fraction))
+    value, target = numeric(av), numeric(gv)
+    return value is not None and target is not None and abs(value - target) <= half_unit * (1 + 1e-9)
+
+
+# -- multiple choice
+
+_LETTERS = re.compile(r"A?B?C?D?E?F?G?")  # several correct options, in order: "BC", "ACD"
+_CHOICE_CUE = re.compile(  # the letter after a cue; a lowercase one only in () or after "Answer:"
+    r"(?:[Aa]nswer(?:\s+is)?\s*(?:[:：]\s*)?|[Cc]hoice\s*|[Oo]ption\s*|[故应]?选\s*)(?:\(([A-Ka-k])\)|([A-K])(?![A-Za-z]))"
+    r"|[Aa]nswer\s*[:：]\s*([a-k])(?![A-Za-z])"
+)
+
+
+@lru_cache(maxsize=1 << 12)
+def _gold_letters(gold):
+    """The option letters of a multiple-choice gold ("C", "(C)", "\\text{(C)}", "BC"), or None."""
+    g = _normalize(gold)
+    if len(g) == 1 and "A" <= g <= "K" or len(g) > 1 and _LETTERS.fullmatch(g):
+        return frozenset(g)
+    return None
+
+
+def _response_letters(text):
+    """The letters a response chose: in its last box, else after its last cue ("Answer: D", "which
+    corresponds to choice (A)", "故选 B"), else as its extracted answer."""
+    for candidate in (_last_boxed(text), _last_cue(text), _answer_is(text)):
+        letters = _letters_in(candidate) if candidate and len(candidate) <= MAX_ANSWER_CHARS else None
+        if letters:
+            return letters
+    return None
+
+
+def _last_cue(text):
+    cue = None
+    for cue in _CHOICE_CUE.finditer(text):
+        pass
+    return next(g for g in cue.groups() if g) if cue else None
+
+
+_LIST_PUNCTUATION = re.compile(r"[\s,]|\\land|\\lor")
+
+
+def _letters_in(answer):
+    a = _normalize(answer)
+    if len(a) == 1 and a.isalpha() and a.isascii():  # a lowercase letter is the option, too
+        a = a.upper()
+    choice = _CHOICE.fullmatch(a)
+    if choice:
+        return frozenset(choice.group(1) or choice.group(2))
+    letters = _LIST_PUNCTUATION.sub("", a)
+    return frozenset(letters) if 1 < len(letters) < 8 and _LETTERS.fullmatch(letters) else None
 
 
 def _tick(deadline):
@@ -241,6 +430,10 @@ def _tick(deadline):
 def _equal(x, y, deadline):
     """Equivalence of two parsed answers; symmetric in x and y."""
     _tick(deadline)
+    if is_set_like(x) or is_set_like(y):  # inequalities, intervals, set-builder: sets of reals
+        xs, ys = real_set(x), real_set(y)
+        if xs is not None and ys is not None:
+            return equal_sets(xs, ys, _equal_expr)
     if isinstance(x, Equation) or isinstance(y, Equation):
         return _equal_equations(x, y, deadline)
     if isinstance(x, sp.Expr) and isinstance(y, sp.Expr):
@@ -254,8 +447,43 @@ def _equal(x, y, deadline):
             return False
         if "tuple" in (x.kind, y.kind):  # a bare list against a tuple keeps its order
             return _equal_ordered(x.items, y.items, deadline)
+        labelled = _equal_labelled(x, y, deadline)
+        if labelled is not None:
+            return labelled
         return _covers(x.items, y.items, deadline) and _covers(y.items, x.items, deadline)
     return False
+
+
+def _labels(seq):
+    """For a list with labelled values ("p = 2, q = -5"): {label: value} when all are labelled,
+    else the values in written order. None for an unlabelled list, and for one that lists the
+    solutions of one unknown (x = 1, x = -2), which compares as a set."""
+    named = [v.lhs for v in seq.items if isinstance(v, Equation) and v.named]
+    if not named or len(set(named)) != len(named):
+        return None
+    if len(named) == len(seq.items):
+        return {str(v.lhs): v.rhs for v in seq.items}
+    return [v.rhs if isinstance(v, Equation) and v.named else v for v in seq.items]
+
+
+def _equal_labelled(x, y, deadline):
+    """Labelled values compare by label, and against an unlabelled list in order (of the labels,
+    or as written when only some are labelled), never as an unordered set: a wrong p fails."""
+    lx, ly = _labels(x), _labels(y)
+    if lx is None and ly is None:
+        return None
+    if isinstance(lx, dict) and isinstance(ly, dict):
+        return lx.keys() == ly.keys() and all(_equal(lx[k], ly[k], deadline) for k in lx)
+    xs, ys = (_in_order(l, s) for l, s in ((lx, x), (ly, y)))
+    return _equal_ordered(xs, ys, deadline)
+
+
+def _in_order(labels, seq):
+    if labels is None:
+        return seq.items
+    if isinstance(labels, dict):
+        return [labels[k] for k in sorted(labels, key=lambda k: (k.casefold(), k))]
+    return labels
 
 
 def _equal_ordered(xs, ys, deadline):
@@ -336,8 +564,20 @@ def _equal_expr(x, y):
         return False
     if not (x.free_symbols or y.free_symbols):  # numbers: exact when both rational, else numeric
         return not (x.is_Rational and y.is_Rational) and _close(numeric(x), numeric(y), REL_TOL)
+    if _agree_at_points(x, y):
+        return True
+    only_x, only_y = x.free_symbols - y.free_symbols, y.free_symbols - x.free_symbols
+    if len(only_x) == len(only_y) == 1 and {str(*only_x), str(*only_y)} <= _CONSTANT_NAMES:
+        return _agree_at_points(x, y, {only_y.pop(): only_x.pop()})  # C e^{-2t} is c e^{-2t}
+    return False
+
+
+_CONSTANT_NAMES = {"C", "c", "C_0", "c_0", "C_1", "c_1", "K"}  # the arbitrary constant of a general solution
+
+
+def _agree_at_points(x, y, alias=None):
     agreed = 0
-    for a, b in _values_at_points(x, y):
+    for a, b in _values_at_points(x, y, alias):
         if a is None and b is None:  # both undefined here, e.g. log of a negative
             continue
         if not _close(a, b, SYM_TOL):
@@ -346,14 +586,19 @@ def _equal_expr(x, y):
     return agreed >= 2
 
 
-def _values_at_points(x, y):
+def _values_at_points(x, y, alias=None):
     """Values of x and y at each test point. A symbol missing from one side does not change its
     value, so sin^2 t + cos^2 t still equals 1, while 2k + 2 differs from 2n + 2. The points are
-    positive, the usual domain of answer variables (lengths, counts), so |x| equals x there."""
-    symbols = sorted(x.free_symbols | y.free_symbols, key=str)
+    positive, the usual domain of answer variables (lengths, counts), so |x| equals x there.
+    `alias` {a: b} gives symbol a the value of b."""
+    alias = alias or {}
+    symbols = sorted((x.free_symbols | y.free_symbols) - alias.keys(), key=str)
     if len(symbols) > len(_POINTS[0]):
         return []
-    return [(numeric(x, env), numeric(y, env)) for env in (dict(zip(symbols, p)) for p in _POINTS)]
+    envs = [dict(zip(symbols, p)) for p in _POINTS]
+    for env in envs:
+        env.update({a: env[b] for a, b in alias.items()})
+    return [(numeric(x, env), numeric(y, env)) for env in envs]
 
 
 def _close(a, b, tol):

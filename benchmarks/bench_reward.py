@@ -33,7 +33,7 @@ def typical(answer):
 
 
 def clear_caches():
-    for cached in (reward._gold_answer, reward._normalize):
+    for cached in (reward._gold_answer, reward._normalize, reward._gold_letters, reward._restatements):
         cached.cache_clear()
     reward._PARSED.clear()
 

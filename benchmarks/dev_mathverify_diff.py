@@ -1,9 +1,14 @@
-"""Dev-only: compare reward.verify with the math-verify package on perturbed MATH500 golds.
+"""Dev-only: compare reward.verify with the math-verify package.
 
 A comparison script, not a test, and math-verify is not a dependency of EchoRL:
     .venv/bin/pip install math-verify==0.9.0
-    .venv/bin/python benchmarks/dev_mathverify_diff.py [--limit N]
-Prints every (gold, answer) pair on which the two verifiers disagree, grouped by perturbation.
+    .venv/bin/python benchmarks/dev_mathverify_diff.py [--limit N] [--labels-only]
+
+1. Hand labels (tests/reward_cases.py): the agreement of each verifier with the labels, by kind,
+   on the answer formats of the harder benchmarks (FORMAT_CASES) and on the original families
+   (CASES), with every pair a verifier gets wrong.
+2. Perturbed MATH500 golds: every (gold, answer) pair on which the two verifiers disagree,
+   grouped by perturbation (skipped with --labels-only).
 """
 
 import argparse
@@ -18,7 +23,36 @@ import math_verify
 ROOT = Path(__file__).resolve().parents[1]  # the repository root, which holds reward.py
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests"))
+
 from reward import verify  # noqa: E402
+from reward_cases import CASES, FORMAT_CASES  # noqa: E402
+
+
+def math_verify_label(response, gold):
+    try:
+        return bool(math_verify.verify(math_verify.parse(f"$\\boxed{{{gold}}}$"), math_verify.parse(response)))
+    except Exception:  # its own timeouts and parse failures count as False
+        return False
+
+
+def label_agreement(tables):
+    """Rows (kind, pairs, ours, math-verify) of agreement with the hand labels, and the misses."""
+    rows, misses = [], []
+    for title, table in tables:
+        total = Counter()
+        for kind, cases in table.items():
+            right = Counter()
+            for response, gold, expected in cases:
+                for name, got in (("ours", verify(response, gold)), ("math-verify", math_verify_label(response, gold))):
+                    right[name] += got is expected
+                    if got is not expected:
+                        misses.append((title, kind, name, response[-80:], gold, expected))
+            rows.append((f"{title}: {kind}", len(cases), right["ours"], right["math-verify"]))
+            total.update(right)
+            total["pairs"] += len(cases)
+        rows.append((f"**{title}: all**", total["pairs"], total["ours"], total["math-verify"]))
+    return rows, misses
 
 
 def perturbations(gold):
@@ -49,7 +83,16 @@ def perturbations(gold):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=int, default=500)
+    parser.add_argument("--labels-only", action="store_true")
     args = parser.parse_args()
+    rows, misses = label_agreement([("new formats", FORMAT_CASES), ("original families", CASES)])
+    for title, kind, name, response, gold, expected in misses:
+        print(f"[{title}: {kind}] {name} wrong (label {expected}): gold={gold!r} response=...{response!r}")
+    print("\n| hand-labelled pairs | pairs | ours | math-verify |\n|---|---|---|---|")
+    for kind, n, ours, theirs in rows:
+        print(f"| {kind} | {n} | {ours / n:.1%} ({ours}) | {theirs / n:.1%} ({theirs}) |")
+    if args.labels_only:
+        return
     rows = [json.loads(line) for line in (ROOT.parent / "shared/data/math500/test.jsonl").read_text().splitlines()]
     counts, disagreements = Counter(), []
     for row in rows[: args.limit]:

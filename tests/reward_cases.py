@@ -11,6 +11,10 @@ PMATRIX_2X2 = r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}"
 PMATRIX_COL = r"\begin{pmatrix} 1/5 \\ -18/5 \end{pmatrix}"
 PMATRIX_THIRDS = r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}"
 PLANE = "5x - 7y + 11z + 4 = 0"
+OB121 = (  # olympiadbench: 121
+    r"(0,1,1),(0,-1,-1),(1,0,1),(-1,0,-1),(1,1,0),(-1,-1,0),\left(\frac{1}{\sqrt{3}}, \frac{1}{\sqrt{3}}, "
+    r"\frac{1}{\sqrt{3}}\right),\left(-\frac{1}{\sqrt{3}},-\frac{1}{\sqrt{3}},-\frac{1}{\sqrt{3}}\right)"
+)
 
 # (response, gold, expected), labelled by hand; near-misses are False.
 CASES = {
@@ -214,6 +218,7 @@ CASES = {
         (B(r"[-\sqrt{3}, \sqrt{3}]"), r"(-\sqrt{3}, \sqrt{3})", False),
         (B(r"(-\infty,0)\cup\{1\}"), r"$(-\infty, 0) \cup\{1\}$", True),
         (B(r"(-\infty,0)\cup\{2\}"), r"$(-\infty, 0) \cup\{1\}$", False),
+        (B("x > 2"), r"(2, \infty)", True),  # an inequality is the set it describes
     ],
     "matrices": [
         (B(PMATRIX_2X2), PMATRIX_2X2, True),
@@ -307,9 +312,363 @@ CASES = {
 # Labels the verifier gets wrong, kept to measure agreement honestly.
 KNOWN_LIMITS = [
     (B("|x|"), "x", False),  # symbols are only tested at positive points
-    (B("x > 2"), r"(2, \infty)", True),  # inequalities are compared as text
 ]
 ALL_CASES = [(family, *case) for family, cases in CASES.items() for case in cases]
+
+
+# -- answer formats of the harder benchmarks. Each gold is the string data.py gives for the cited
+# row of ../shared/data (file: line); each label is decided from the mathematics of the pair.
+
+FORMAT_CASES = {
+    "inequalities": [
+        # college_math: 545 'x<-7:(-\infty,-7)'
+        (B(r"(-\infty,-7)"), r"x<-7:(-\infty,-7)", True),
+        (B("x < -7"), r"x<-7:(-\infty,-7)", True),
+        (B(r"(-\infty,-7]"), r"x<-7:(-\infty,-7)", False),  # closed end
+        (B("x > -7"), r"x<-7:(-\infty,-7)", False),
+        # college_math: 635 (k >= 2 or k < -20)
+        (B(r"k \ge 2 \text{ or } k < -20"), r"k \geqslant 2 or k<-20:(-\infty,-20) \cup[2, \infty)", True),
+        (B(r"(-\infty,-20)\cup[2,\infty)"), r"k \geqslant 2 or k<-20:(-\infty,-20) \cup[2, \infty)", True),
+        (B(r"(-\infty,-20)\cup(2,\infty)"), r"k \geqslant 2 or k<-20:(-\infty,-20) \cup[2, \infty)", False),
+        (B(r"k \ge 2 \text{ or } k < 20"), r"k \geqslant 2 or k<-20:(-\infty,-20) \cup[2, \infty)", False),
+        # college_math: 840 (m > 4 or m <= -1)
+        (B(r"m>4 \text{ or } m\le -1"), r"m>4 or m \leqslant-1:(-\infty,-1] \cup(4, \infty)", True),
+        (B(r"(-\infty,-1)\cup(4,\infty)"), r"m>4 or m \leqslant-1:(-\infty,-1] \cup(4, \infty)", False),
+        # college_math: 841 (n <= -9 or n >= 2)
+        (B(r"(-\infty,-9]\cup[2,\infty)"), r"n \leqslant-9 or n \geqslant 2:(-\infty,-9] \cup[2, \infty)", True),
+        (B(r"n \le -9 \text{ or } n \ge -2"), r"n \leqslant-9 or n \geqslant 2:(-\infty,-9] \cup[2, \infty)", False),
+        # college_math: 895 'x \geqslant 16'
+        (B(r"[16,\infty)"), r"x \geqslant 16", True),
+        (B(r"x \geq 16"), r"x \geqslant 16", True),
+        (B(r"(16,\infty)"), r"x \geqslant 16", False),
+        (B("16"), r"x \geqslant 16", False),  # a number is not the set
+        # olympiadbench: 73 'k \geqslant 2'
+        (B(r"k\geq 2"), r"k \geqslant 2", True),
+        (B("k > 2"), r"k \geqslant 2", False),
+        (B(r"k \ge 3"), r"k \geqslant 2", False),
+        # olympiadbench: 133 '(-\infty,-5)'
+        (B("x<-5"), r"(-\infty,-5)", True),
+        (B(r"x \le -5"), r"(-\infty,-5)", False),
+        # olympiadbench: 162
+        (B(r"-\sqrt{11}<x<-2 \text{ or } \sqrt{11}<x<9"), r"(-\sqrt{11},-2)\cup (\sqrt{11},9)", True),
+        (B(r"-\sqrt{11}<x<-2 \text{ or } \sqrt{11}<x\le 9"), r"(-\sqrt{11},-2)\cup (\sqrt{11},9)", False),
+        (B(r"-\sqrt{11}<x<2 \text{ or } \sqrt{11}<x<9"), r"(-\sqrt{11},-2)\cup (\sqrt{11},9)", False),
+        # gaokao2023en: 53 '[2,+\infty)', 39 '(-\infty,-3)', 75 '[1,+\infty)'
+        (B(r"a \ge 2"), r"[2,+\infty)", True),
+        (B(r"[2,\infty)"), r"[2,+\infty)", True),
+        (B(r"(2,+\infty)"), r"[2,+\infty)", False),
+        (B("a<-3"), r"(-\infty,-3)", True),
+        (B("a>-3"), r"(-\infty,-3)", False),
+        (B(r"y\geqslant 1"), r"[1,+\infty)", True),
+        # cn_middle_school: 4 '3<m<4', 24 '1/3<x<7', 70 'x\in[1,2)'
+        (B("(3,4)"), "3<m<4", True),
+        (B(r"3 < m < 4"), "3<m<4", True),
+        (B(r"4 > m > 3"), "3<m<4", True),
+        (B(r"3 \le m < 4"), "3<m<4", False),
+        (B(r"\frac13 < x < 7"), "1/3<x<7", True),
+        (B(r"(\frac{1}{3},7)"), "1/3<x<7", True),
+        (B(r"\frac13 < x \le 7"), "1/3<x<7", False),
+        (B(r"1\le x<2"), r"x\in[1,2)", True),
+        (B("1<x<2"), r"x\in[1,2)", False),
+        # gaokao_math_cloze: 97 '(-\infty,2]', 85 '\left(-\frac{1}{4},+\infty\right)'
+        (B(r"m \le 2"), r"(-\infty,2]", True),
+        (B("m<2"), r"(-\infty,2]", False),
+        (B(r"a>-\frac14"), r"\left(-\frac{1}{4},+\infty\right)", True),
+        (B(r"a > \frac14"), r"\left(-\frac{1}{4},+\infty\right)", False),
+        # gaokao2024_mix: 47
+        (B(r"-\sqrt3<x<-1 \text{ or } 1<x<\sqrt3"), r"(-\sqrt{3},-1) \cup (1, \sqrt{3})", True),
+        (B(r"-\sqrt3<x<-1"), r"(-\sqrt{3},-1) \cup (1, \sqrt{3})", False),
+    ],
+    "sets": [
+        # gaokao2023en: 1 '\{x|-2\leq x < 1\}'
+        (B("[-2,1)"), r"\{x|-2\leq x < 1\}", True),
+        (B(r"\{x \mid -2 \le x < 1\}"), r"\{x|-2\leq x < 1\}", True),
+        (B(r"-2\le x<1"), r"\{x|-2\leq x < 1\}", True),
+        (B("[-2,1]"), r"\{x|-2\leq x < 1\}", False),
+        # gaokao2023en: 23 '\{x|x=3k,k\in \mathbb{Z}\}'
+        (B(r"\{x \mid x=3k, k\in\mathbb{Z}\}"), r"\{x|x=3k,k\in \mathbb{Z}\}", True),
+        (B(r"\{3k \mid k\in\mathbb{Z}\}"), r"\{x|x=3k,k\in \mathbb{Z}\}", True),
+        (B(r"\{3n \mid n \in \mathbb{Z}\}"), r"\{x|x=3k,k\in \mathbb{Z}\}", True),
+        (B(r"\{3k+1 \mid k\in\mathbb{Z}\}"), r"\{x|x=3k,k\in \mathbb{Z}\}", False),
+        (B(r"\{6k \mid k\in\mathbb{Z}\}"), r"\{x|x=3k,k\in \mathbb{Z}\}", False),
+        # college_math: 1522 '\{x \mid x \geq 0\}'
+        (B(r"[0,\infty)"), r"\{x \mid x \geq 0\}", True),
+        (B(r"x \ge 0"), r"\{x \mid x \geq 0\}", True),
+        (B(r"(0,\infty)"), r"\{x \mid x \geq 0\}", False),
+        # college_math: 1572 '\{x \mid x \geq 0 and x \neq 1\}'
+        (B(r"[0,1)\cup(1,\infty)"), r"\{x \mid x \geq 0 and x \neq 1\}", True),
+        (B(r"[0,\infty)"), r"\{x \mid x \geq 0 and x \neq 1\}", False),
+        # college_math: 1586 '\{x \mid x \neq-1\}'
+        (B(r"(-\infty,-1)\cup(-1,\infty)"), r"\{x \mid x \neq-1\}", True),
+        (B(r"x \ne -1"), r"\{x \mid x \neq-1\}", True),
+        (B(r"\mathbb{R}\setminus\{-1\}"), r"\{x \mid x \neq-1\}", True),
+        (B(r"(-\infty,-1)\cup(1,\infty)"), r"\{x \mid x \neq-1\}", False),
+        # college_math: 1611, 1612
+        (B(r"(-\frac13,\frac13)"), r"\{x \mid-1 / 3<x<1 / 3\}", True),
+        (B(r"[-\frac13,\frac13]"), r"\{x \mid-1 / 3<x<1 / 3\}", False),
+        (B(r"(-\infty,0)"), r"\{x \mid x<0\}", True),
+        (B(r"(-\infty,0]"), r"\{x \mid x<0\}", False),
+        # college_math: 1505 '\{x \mid x \in \mathbb{R}\}, i.e., all x', 600, 1703, 1214
+        (B(r"\mathbb{R}"), r"\{x \mid x \in \mathbb{R}\}, i.e., all x", True),
+        (B(r"(-\infty,\infty)"), r"\{x \mid x \in \mathbb{R}\}, i.e., all x", True),
+        (B(r"[0,\infty)"), r"\{x \mid x \in \mathbb{R}\}, i.e., all x", False),
+        (B(r"(-\infty, \infty)"), r"\{ All real numbers. \}: \mathbb{R}", True),
+        (B(r"(0,\infty)"), r"\{ All real numbers. \}: \mathbb{R}", False),
+        (B(r"\text{all real numbers}"), r"\mathbb{R}", True),
+        (B(r"\mathbb{R}"), r"(-\infty, \infty)", True),
+        # college_math: 1725 (two domains)
+        (B(r"[3,\infty), [0,\infty)"), r"\{x \mid x \geq 3\},\{x \mid x \geq 0\}", True),
+        (B(r"[3,\infty), (0,\infty)"), r"\{x \mid x \geq 3\},\{x \mid x \geq 0\}", False),
+        # college_math: 1353, 1055, 1395, 1075, 1399, 1320
+        (B(r"\{-1,1\}\cup(2,\infty)"), r"\{-1\} \cup\{1\} \cup(2, \infty)", True),
+        (B(r"\{-1\}\cup(2,\infty)"), r"\{-1\} \cup\{1\} \cup(2, \infty)", False),
+        (B(r"x=2 \text{ or } x\ge4"), r"\{2\} \cup[4, \infty)", True),
+        (B(r"[4,\infty)"), r"\{2\} \cup[4, \infty)", False),
+        (B(r"x\le5 \text{ or } x=6"), r"(-\infty, 5] \cup\{6\}", True),
+        (B(r"(-\infty,5)\cup\{6\}"), r"(-\infty, 5] \cup\{6\}", False),
+        (B(r"(4,\infty)\cup(-\infty,-3)\cup(-3,2)"), r"(-\infty,-3) \cup(-3,2) \cup(4, \infty)", True),
+        (B(r"(-\infty,2)\cup(4,\infty)"), r"(-\infty,-3) \cup(-3,2) \cup(4, \infty)", False),
+        (B(r"\mathbb{R}\setminus\{5\}"), r"(-\infty, 5) \cup(5, \infty)", True),
+        (B(r"x\neq 5"), r"(-\infty, 5) \cup(5, \infty)", True),
+        (B(r"\mathbb{R}"), r"(-\infty, 5) \cup(5, \infty)", False),
+        (B(r"\mathbb{R}\setminus[-7,1]"), r"(-\infty,-7) \cup(1, \infty)", True),
+        (B(r"\mathbb{R}\setminus(-7,1)"), r"(-\infty,-7) \cup(1, \infty)", False),
+        # college_math: 38 'No solution : \oslash', 164 'No solution', 655 'No Solution'
+        (B(r"\varnothing"), r"No solution : \oslash", True),
+        (B(r"\emptyset"), r"No solution : \oslash", True),
+        (B(r"\{0\}"), r"No solution : \oslash", False),
+        (B(r"\emptyset"), "No solution", True),
+        (B(r"\text{No real solutions}"), "No solution", True),
+        (B("x=0"), "No solution", False),
+        (B(r"\text{no solution}"), "No Solution", True),
+        # gaokao_math_cloze: 2 '5;10', 3 '1;\frac{8}{9}', 40; gaokao2024_II: 14 '24;112'
+        (B("5, 10"), "5;10", True),
+        (B("5; 10"), "5;10", True),
+        (B("5, 11"), "5;10", False),
+        (B(r"1, \frac89"), r"1;\frac{8}{9}", True),
+        (B(r"1; \frac{9}{8}"), r"1;\frac{8}{9}", False),
+        (B("24, 112"), "24;112", True),
+        (B(r"y=\frac{x}{e}, y=-\frac{x}{e}"), r"y=\frac{1}{\mathrm{e}}x;y=-\frac{1}{\mathrm{e}}x", True),
+        (B(r"y=\frac{x}{e}"), r"y=\frac{1}{\mathrm{e}}x;y=-\frac{1}{\mathrm{e}}x", False),
+        # gaokao2023en: 70, 186, 90 (answers joined by "or" / "and")
+        (B(r"\pm2, \pm\frac12"), r"2 or -2 or \frac{1}{2} or -\frac{1}{2}", True),
+        (B(r"2, -2, \frac12"), r"2 or -2 or \frac{1}{2} or -\frac{1}{2}", False),
+        (B(r"9 \text{ or } 5"), "5 or 9", True),
+        (B("5"), "5 or 9", False),
+        # college_math: 1474 '\left(e^{-5}, \pm \sqrt{7}\right)'; olympiadbench: 121
+        (B(r"(e^{-5},\sqrt7),(e^{-5},-\sqrt7)"), r"\left(e^{-5}, \pm \sqrt{7}\right)", True),
+        (B(r"(e^{-5}, \sqrt{7})"), r"\left(e^{-5}, \pm \sqrt{7}\right)", False),
+        (B(r"(0,\pm1,\pm1),(\pm1,0,\pm1),(\pm1,\pm1,0)"), OB121, False),
+    ],
+    "messy_golds": [
+        # college_math: 12 '-1<x \leqslant 1:(-1,1]', 146, 325 (restatement: inequality, then interval)
+        (B("(-1,1]"), r"-1<x \leqslant 1:(-1,1]", True),
+        (B(r"-1<x\le 1"), r"-1<x \leqslant 1:(-1,1]", True),
+        (B("[-1,1]"), r"-1<x \leqslant 1:(-1,1]", False),
+        (B("(-1,1)"), r"-1<x \leqslant 1:(-1,1]", False),
+        (B("[-2,4]"), r"-2 \leqslant n \leqslant 4:[-2,4]", True),
+        (B("(-2,4]"), r"-2 \leqslant n \leqslant 4:[-2,4]", False),
+        (B(r"-6 \le x \le -2"), r"-6 \leqslant x \leqslant-2:[-6,-2]", True),
+        # college_math: 590 (its interval half is malformed, its inequality half is not)
+        (B(r"(-\infty,-7)\cup(8,\infty)"), r"n<-7 or n>8:(-\infty-7), \bigcup(8, \infty)", True),
+        (B(r"(-\infty,-7]\cup(8,\infty)"), r"n<-7 or n>8:(-\infty-7), \bigcup(8, \infty)", False),
+        # college_math: 1036, 1048, 1394 (chains of equalities: the last member is the answer)
+        (B(r"10\ln 18"), r"t=\frac{\ln \left(\frac{1}{18}\right)}{-0.1}=10 \ln (18)", True),
+        (B(r"t = 10\ln(18)"), r"t=\frac{\ln \left(\frac{1}{18}\right)}{-0.1}=10 \ln (18)", True),
+        (B(r"-10\ln 18"), r"t=\frac{\ln \left(\frac{1}{18}\right)}{-0.1}=10 \ln (18)", False),
+        (B(r"\frac54\ln29"), r"t=\frac{\ln \left(\frac{1}{29}\right)}{-0.8}=\frac{5}{4} \ln (29)", True),
+        (B(r"\frac45\ln 29"), r"t=\frac{\ln \left(\frac{1}{29}\right)}{-0.8}=\frac{5}{4} \ln (29)", False),
+        (B(r"10\ln\frac{3}{5}"), r"x=-10 \ln \left(\frac{5}{3}\right)=10 \ln \left(\frac{3}{5}\right)", True),
+        (B(r"10\ln\frac{5}{3}"), r"x=-10 \ln \left(\frac{5}{3}\right)=10 \ln \left(\frac{3}{5}\right)", False),
+        # college_math: 1004, 1006, 1020 (a worked value, then its result)
+        (B("5"), r"\ln \left(e^{5}\right)=5", True),
+        (B("e^5"), r"\ln \left(e^{5}\right)=5", False),
+        (B("-i"), r"i^{15}=\left(i^{4}\right)^{3} \cdot i^{3}=1 \cdot(-i)=-i", True),
+        (B("i"), r"i^{15}=\left(i^{4}\right)^{3} \cdot i^{3}=1 \cdot(-i)=-i", False),
+        (B("-2"), r"\log _{6}\left(\frac{1}{36}\right)=-2", True),
+        (B("2"), r"\log _{6}\left(\frac{1}{36}\right)=-2", False),
+        # gaokao_math_cloze: 50 '1-5\mathrm{i}', 66 '4-\mathrm{i}', 62
+        (B("1-5i"), r"1-5\mathrm{i}", True),
+        (B("1+5i"), r"1-5\mathrm{i}", False),
+        (B("1-5"), r"1-5\mathrm{i}", False),
+        (B("4-i"), r"4-\mathrm{i}", True),
+        (B(r"(e^{-1}, 1)"), r"\left(\frac{1}{\mathrm{e}},1\right)", True),
+        (B(r"(\frac1e, 1]"), r"\left(\frac{1}{\mathrm{e}},1\right)", False),
+        # gaokao2023en: 62 'C_{400}^{40} \cdot C_{200}^{20}'
+        (B(r"\binom{400}{40}\binom{200}{20}"), r"C_{400}^{40} \cdot C_{200}^{20}", True),
+        (B(r"\binom{400}{40}+\binom{200}{20}"), r"C_{400}^{40} \cdot C_{200}^{20}", False),
+        (B(r"\binom{400}{20}\binom{200}{40}"), r"C_{400}^{40} \cdot C_{200}^{20}", False),
+        # minerva_math: 6 'np.arcsin(10/13)', 39 '-1./3', 72
+        (B(r"\arcsin\frac{10}{13}"), "np.arcsin(10/13)", True),
+        (B(r"\arccos\frac{10}{13}"), "np.arcsin(10/13)", False),
+        (B(r"-\frac13"), "-1./3", True),
+        (B(r"\frac13"), "-1./3", False),
+        (B(r"\frac{\sinh(at)}{a}"), r"\frac{1}{2a}(\exp{a*t} - \exp{-a*t})", True),
+        (B(r"\frac{\cosh(at)}{a}"), r"\frac{1}{2a}(\exp{a*t} - \exp{-a*t})", False),
+    ],
+    "units": [
+        # minerva_math: 2 '4.5e33', 11 '3.83e35', 14 '8.7e8', 38 '2e27', 136 '3e8'
+        (B(r"4.5\times10^{33}\ \mathrm{erg\,s^{-1}}"), "4.5e33", True),
+        (B(r"4.5 \times 10^{33} \text{ ergs/s}"), "4.5e33", True),
+        (B(r"4.5\times10^{32}"), "4.5e33", False),
+        (B(r"3.83 \times 10^{35}\ \mathrm{ergs/s}"), "3.83e35", True),
+        (B(r"3.83\times10^{33}\ \mathrm{ergs/s}"), "3.83e35", False),
+        (B(r"8.7\times10^{8}\,\mathrm{cm}"), "8.7e8", True),
+        (B(r"8.7 \times 10^{8} \mathrm{~cm}"), "8.7e8", True),
+        (B(r"2\times 10^{27}\ \text{cm}"), "2e27", True),
+        (B(r"3 \times 10^{8} \mathrm{~m/s}"), "3e8", True),
+        (B(r"3\times10^{9}\ \mathrm{m/s}"), "3e8", False),
+        # minerva_math: 3 '41.8', 5 '0.006', 58 '0.53', 61 '4.4e7', 122 '0.10', 51 '2.7778e-6'
+        (B(r"41.8^{\circ}"), "41.8", True),
+        (B(r"48.2^\circ"), "41.8", False),
+        (B(r"0.006 \mathrm{~m/s^2}"), "0.006", True),
+        (B(r"6\times10^{-3}\ \text{m s}^{-2}"), "0.006", True),
+        (B("0.06"), "0.006", False),
+        (B(r"\frac{\ln 2}{1.3}"), "0.53", True),  # 0.5332 is 0.53 to the gold's precision
+        (B(r"\frac{\ln 2}{1.2}"), "0.53", False),
+        (B(r"0.53 \text{ years}"), "0.53", True),
+        (B(r"4.4 \times 10^{7} \text{ ferrets}"), "4.4e7", True),
+        (B("100e^{13}"), "4.4e7", True),  # 4.42e7
+        (B("100e^{12}"), "4.4e7", False),
+        (B(r"0.1 \mathrm{~m/s}"), "0.10", True),
+        (B(r"0.01 \mathrm{~m}/\mathrm{s}"), "0.10", False),
+        (B(r"\frac{1}{360000}"), "2.7778e-6", True),
+        (B(r"\frac{1}{36000}"), "2.7778e-6", False),
+        # college_math: 131 '5.7 \mathrm{hr}', 217, 269, 204
+        (B(r"5.7 \text{ hours}"), r"5.7 \mathrm{hr}", True),
+        (B("5.8"), r"5.7 \mathrm{hr}", False),
+        (B(r"6.608 \text{ mph}"), r"6.608 \mathrm{mi} / \mathrm{hr}", True),
+        (B(r"25 \text{ feet}"), r"25 \mathrm{ft}", True),
+        (B("0.000744"), r"7.44 \times 10^{-4}", True),
+        (B(r"7.44\times10^{-3}"), r"7.44 \times 10^{-4}", False),
+        # gaokao2023en: 117 '20 cm^{2}', 138, 148; cn_middle_school: 28 '2.7×10^9'
+        (B(r"20\text{ cm}^2"), "20 cm^{2}", True),
+        (B("40"), "20 cm^{2}", False),
+        (B(r"36\sqrt{7}"), r"36\sqrt{7}cm^{3}", True),
+        (B(r"576\pi"), r"576\pi\;m^{2}", True),
+        (B("1809.56"), r"576\pi\;m^{2}", False),  # the response rounded an irrational
+        (B("2700000000"), "2.7×10^9", True),
+        (B(r"27\times10^{9}"), "2.7×10^9", False),
+    ],
+    "multiple_choice": [
+        # aqua: 1 'A', 2 'E', 4 'B'; sat_math: 3 'C'; mmlu_stem: 2 'C', 4 'B'; gaokao2024_mix: 3 'D'
+        ("The time is 5(sqrt(3)+1) minutes.\nAnswer: A", "A", True),
+        ("The time is 5(sqrt(3)+1) minutes.\nAnswer: B", "A", False),
+        ("So the total is $78.20, which corresponds to choice (E).", "E", True),
+        ("So the total is $78.20, which corresponds to choice (D).", "E", False),
+        ("The answer is 0.26, which corresponds to option B.", "B", True),
+        ("The probability is 0.26.\nAnswer: d", "B", False),
+        ("The probability is 0.26.\nAnswer: b", "B", True),
+        (B("b"), "B", True),
+        (B("(C)"), "C", True),
+        (B("C)"), "C", True),
+        (B(r"\text{(C)}"), "C", True),
+        (B(r"\text{(A)}"), "C", False),
+        ("A base pair is either inserted or deleted, so the answer is (C).", "C", True),
+        ("The answer is (B) Inositol triphosphate.", "B", True),
+        ("The answer is (C) Cyclic AMP.", "B", False),
+        ("所以圆心到直线的距离为 $3\\sqrt{2}$，故选 D", "D", True),
+        ("所以圆心到直线的距离为 $3\\sqrt{2}$，故选 C", "D", False),
+        # gaokao2024_I: 9 'BC', 10 'ACD' (several correct options)
+        (B("BC"), "BC", True),
+        (B("B, C"), "BC", True),
+        (B("B"), "BC", False),
+        (B("ACD"), "ACD", True),
+        (B("ABD"), "ACD", False),
+    ],
+    "text": [
+        # college_math: 1501 'diverges', 1516, 1641, 1122 'neither'; math500: 121 '\text{even}'
+        (B(r"\text{diverges}"), "diverges", True),
+        (B(r"\text{divergent}"), "diverges", True),
+        (B(r"\text{converges}"), "diverges", False),
+        (B(r"\text{conditionally convergent}"), "converges conditionally", True),
+        (B(r"\text{converges absolutely}"), "converges conditionally", False),
+        (B(r"\text{absolutely convergent}"), "converges absolutely", True),
+        (B(r"\text{neither even nor odd}"), "neither", True),
+        (B(r"\text{even}"), "neither", False),
+        (B(r"\text{even function}"), r"\text{even}", True),
+        (B(r"\text{odd function}"), r"\text{even}", False),
+        # gaokao2023en: 60 'Quadrant I'; cn_middle_school: 30 '第一象限'
+        (B(r"\text{first quadrant}"), "Quadrant I", True),
+        (B(r"\text{Quadrant II}"), "Quadrant I", False),
+        (B(r"\text{the second quadrant}"), "Quadrant I", False),
+        (B(r"\text{first quadrant}"), "第一象限", True),
+        (B("第二象限"), "第一象限", False),
+        # gaokao2023en: 127 '1:58 am', 371 '5am'
+        (B(r"1:58 \text{ a.m.}"), "1:58 am", True),
+        (B(r"1:58 \text{ p.m.}"), "1:58 am", False),
+        (B(r"5:00 \text{ a.m.}"), "5am", True),
+        (B(r"5 \text{ pm}"), "5am", False),
+    ],
+    "extraction": [
+        # gsm8k: test line 520 (gold 280), 689 (gold 100)
+        ("Royce takes 280 minutes, that is 4.67 hours.", "280", True),
+        ("John has 100 minutes to nap, that is 1 hour and 40 minutes.", "100", True),
+        ("John has 100 minutes to nap, i.e. 1 hour and 40 minutes.", "100", True),
+        ("John has 110 minutes to nap, that is 1 hour and 50 minutes.", "100", False),
+        # gsm8k: 1036 (gold 35)
+        ("It takes 35 seconds (about 0.58 minutes) in total.", "35", True),
+    ],
+    "labelled": [
+        # olympiadbench: 18 'f(n)=n, g(n)=1'
+        (B("f(n)=n, g(n)=1"), "f(n)=n, g(n)=1", True),
+        (B("g(n)=1, f(n)=n"), "f(n)=n, g(n)=1", True),
+        (B("f(n)=1, g(n)=n"), "f(n)=n, g(n)=1", False),
+        # college_math: 1019, 1042, 203 (labelled values), 2000
+        (B(r"d=\sqrt{83}, M=(4\sqrt5, \frac{5\sqrt3}{2})"), r"d=\sqrt{83}, M=\left(4 \sqrt{5}, \frac{5 \sqrt{3}}{2}\right)", True),
+        (B(r"M=(4\sqrt5,\frac{5\sqrt3}{2}), d=\sqrt{83}"), r"d=\sqrt{83}, M=\left(4 \sqrt{5}, \frac{5 \sqrt{3}}{2}\right)", True),
+        (B(r"d=\sqrt{38}, M=(4\sqrt5, \frac{5\sqrt3}{2})"), r"d=\sqrt{83}, M=\left(4 \sqrt{5}, \frac{5 \sqrt{3}}{2}\right)", False),
+        (B(r"5, (-1, \frac72)"), r"d=5, M=\left(-1, \frac{7}{2}\right)", True),
+        (B(r"d=5, M=(\frac72, -1)"), r"d=5, M=\left(-1, \frac{7}{2}\right)", False),
+        (B("P=7, S=17.5"), r"\mathrm{P}=7, \mathrm{~S}=17 \frac{1}{2}", True),
+        (B("P=17.5, S=7"), r"\mathrm{P}=7, \mathrm{~S}=17 \frac{1}{2}", False),
+        (B(r"\bar{x}=\frac47, \bar{y}=\frac25"), r"\bar{x}=4 / 7, \bar{y}=2 / 5", True),
+        (B(r"\bar{x}=\frac25, \bar{y}=\frac47"), r"\bar{x}=4 / 7, \bar{y}=2 / 5", False),
+        # olympiadbench: 288 '3,4' asks for p and q; 169 '-3,0' for b and c (labels, not a set)
+        (B("p=3, q=4"), "3,4", True),
+        (B("q=4, p=3"), "3,4", True),
+        (B("p=4, q=3"), "3,4", False),
+        (B("b=-3, c=0"), "-3,0", True),
+        (B("b=0, c=-3"), "-3,0", False),
+        # gaokao2024_mix: 62, 75 (one label, one bare value)
+        (B(r"A=\frac{\pi}{6}, 2+\sqrt6+3\sqrt2"), r"A=\frac{\pi}{6},2+\sqrt{6}+3 \sqrt{2}", True),
+        (B(r"\frac{\pi}{3}, 2\sqrt2"), r"B=\frac{\pi}{3},2 \sqrt{2}", True),
+        (B(r"\frac{\pi}{6}, 2\sqrt2"), r"B=\frac{\pi}{3},2 \sqrt{2}", False),
+        # college_math: 1087 (values labelled by what they are)
+        (B(r"-\frac12, -\frac{\sqrt3}{2}"), r"\cos \left(\frac{10 \pi}{3}\right)=-\frac{1}{2}, \sin \left(\frac{10 \pi}{3}\right)=-\frac{\sqrt{3}}{2}", True),
+        (B(r"-\frac12, \frac{\sqrt3}{2}"), r"\cos \left(\frac{10 \pi}{3}\right)=-\frac{1}{2}, \sin \left(\frac{10 \pi}{3}\right)=-\frac{\sqrt{3}}{2}", False),
+    ],
+    "misc": [
+        # olympiadbench: 151 '8 \%'; gaokao2023en: 241 '5.3\%', 190 '1.1\%'
+        (B("0.08"), r"8 \%", True),
+        (B("8"), r"8 \%", True),
+        (B("0.8"), r"8 \%", False),
+        (B("0.053"), r"5.3\%", True),
+        (B("0.53"), r"5.3\%", False),
+        (B(r"1.1\%"), r"1.1\%", True),
+        # gaokao2023en: 90 '0.05 and 0.6'
+        (B(r"5\%, 60\%"), "0.05 and 0.6", True),
+        (B("0.05, 0.6"), "0.05 and 0.6", True),
+        (B("0.05, 0.06"), "0.05 and 0.6", False),
+        # college_math: 940, 1306; math500: 100 (a scalar factored out of a vector)
+        (B(r"\frac17(2,3,-2)"), r"\left(\frac{2}{7}, \frac{3}{7},-\frac{2}{7}\right)", True),
+        (B(r"\frac17(2,3,2)"), r"\left(\frac{2}{7}, \frac{3}{7},-\frac{2}{7}\right)", False),
+        (B(r"\frac{1}{3}(1,2,3)"), r"\left(\frac{1}{3}, \frac{2}{3}, 1\right)", True),
+        (B(r"\frac13\begin{pmatrix}-1\\2\\5\end{pmatrix}"), r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}", True),
+        (B(r"\frac13\begin{pmatrix}1\\2\\5\end{pmatrix}"), r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}", False),
+        # minerva_math: 97, 81, 64, 109; college_math: 1519 (the name of an arbitrary constant)
+        (B(r"\frac{e^t}{3}+Ce^{-2t}"), r"\frac{e^{t}} {3}+c e^{-2 t}", True),
+        (B(r"\frac{e^t}{3}+Ce^{2t}"), r"\frac{e^{t}} {3}+c e^{-2 t}", False),
+        (B(r"\frac{x}{2}-\frac14+Ce^{-2x}"), r"x / 2-1 / 4+c e^{-2 x}", True),
+        (B(r"\frac{x}{2}+\frac14+Ce^{-2x}"), r"x / 2-1 / 4+c e^{-2 x}", False),
+        (B(r"\frac{C}{x^2}-\frac{\cos 2x}{2x^2}"), r"c x^{-2}-\frac{\cos (2 x)}{2 x^{2}}", True),
+        (B(r"\frac{C}{x^2}+\frac{\cos 2x}{2x^2}"), r"c x^{-2}-\frac{\cos (2 x)}{2 x^{2}}", False),
+        (B(r"\frac{(1-i)e^{2it}}{4}+ce^{-2t}"), r"\frac{e^{2 i t}}{(2+2 i)}+C e^{-2 t}", True),
+        (B(r"\frac{(t^2-9)^{5/2}}{5}+c"), r"\frac{\left(t^{2}-9\right)^{5 / 2}}{5}+C", True),
+        (B(r"\frac{(t^2-9)^{3/2}}{3}+c"), r"\frac{\left(t^{2}-9\right)^{5 / 2}}{5}+C", False),
+    ],
+}
+ALL_FORMAT_CASES = [(kind, *case) for kind, cases in FORMAT_CASES.items() for case in cases]
 
 
 # -- hostile inputs: each must verify False against "2", quickly, in any thread or process
@@ -338,10 +697,19 @@ HOSTILE = {
     "991 minus signs": B("-" * 991 + "2"),
     "long answer": B("1+" * 600 + "1"),
     "symbolic huge power": B("(x+1)^{10000} - x"),
+    "50 nested set-builder sets": B(r"\{x \mid x \in " * 50 + r"\mathbb{R}" + r"\}" * 50),
+    "union of 70 intervals": B(r"\cup".join(f"({i},{i + 1})" for i in range(0, 140, 2))),
+    "chain of 300 equalities": B("=".join(["x"] * 300)),
+    "chain of 250 inequalities": B("<".join(["x", "1"] * 125)),
+    "128 sign choices": B("(" + ",".join([r"\pm 1"] * 7) + ")"),
+    "set-builder family of a huge power": B(r"\{9^{9^{k}} \mid k \in \mathbb{Z}\}"),
 }
 # Inputs that must stop at a bound (and be counted). Others are rejected without one: the 5000
 # parentheses lose their \boxed{ when the response is cut to its tail, Python is text, 1/0 undefined.
-BOUNDED = ["power tower", "300 nested parentheses", "2 MB boxed number", "huge factorial", "long answer"]
+BOUNDED = [
+    "power tower", "300 nested parentheses", "2 MB boxed number", "huge factorial", "long answer",
+    "50 nested set-builder sets", "128 sign choices",
+]
 
 
 # -- repetition loops: a collapsing model repeats one construct until it runs out of tokens.

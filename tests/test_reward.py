@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # reward_cases, also when imported as tests.test_reward
 
+import mathnumeric  # noqa: E402
 import mathparse  # noqa: E402
+import mathsets  # noqa: E402
 import reward  # noqa: E402
 from reward import extract_answer, score, score_batch, verify  # noqa: E402
 from reward_cases import (  # noqa: E402  (the shared case tables)
@@ -267,19 +269,23 @@ class _Seen:
 
 def test_regexes_see_only_the_tail_and_the_answer(monkeypatch):
     tail, answer = [], []
-    for name in ("_BOXED", "_BARE", "_BRACE", "_HASHES", "_ANSWER_IS", "_SENTENCE_END", "_NUMBER"):
+    for name in ("_BOXED", "_BARE", "_BRACE", "_HASHES", "_ANSWER_IS", "_SENTENCE_END", "_NUMBER", "_RESTATED",
+                 "_CHOICE_CUE"):
         monkeypatch.setattr(reward, name, _Seen(getattr(reward, name), tail))
-    for name in ("_UNWRAP", "_THOUSANDS", "_CHOICE"):
+    for name in ("_UNWRAP", "_THOUSANDS", "_CHOICE", "_TIME", "_NOT_A_WORD", "_RESTATEMENT", "_DECIMAL",
+                 "_LETTERS", "_LIST_PUNCTUATION"):
         monkeypatch.setattr(reward, name, _Seen(getattr(reward, name), answer))
-    monkeypatch.setattr(reward, "_REWRITES", [(_Seen(p, answer), r) for p, r in reward._REWRITES])
+    monkeypatch.setattr(reward, "_REWRITES", [(_Seen(p, answer), r, n) for p, r, n in reward._REWRITES])
     for name in ("_TOKEN", "_WORD", "_ENV"):
         monkeypatch.setattr(mathparse, name, _Seen(getattr(mathparse, name), answer))
     reward._normalize.cache_clear()
     reward._PARSED.clear()
     for name in LOOPS:
         assert verify(loop(name, LOOP_SIZES["2 MB"]), "2") is LOOPS[name][3]
+        assert verify(loop(name, LOOP_SIZES["2 MB"]), "C") is False  # the multiple-choice path
     for response in HOSTILE.values():
         assert verify(response, "2") is False
+        assert verify(response, "x < 2") is False
     reward._normalize.cache_clear()
     assert len(tail) > len(LOOPS) and len(answer) > len(LOOPS)  # the patterns were used
     assert max(tail) <= reward.MAX_RESPONSE_CHARS
@@ -326,7 +332,7 @@ def test_no_eval_like_calls():
     """Model text must never reach anything that evaluates or parses it as code."""
     banned = {"eval", "exec", "compile", "__import__", "sympify", "parse_expr", "parse_latex"}
     banned_methods = {"eval", "exec", "sympify", "parse_expr", "parse_latex", "S"}  # sympy.S("..") parses
-    for module in (reward, mathparse):
+    for module in (reward, mathparse, mathsets, mathnumeric):
         tree = ast.parse(Path(module.__file__).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
