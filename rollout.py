@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from metrics import Mean, Sum
+
 PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
 
 
@@ -77,6 +79,21 @@ class Rollout:
         idx = torch.as_tensor(idx, dtype=torch.long)
         out = {f.name: _take(getattr(self, f.name), idx) for f in fields(self) if f.name != "extras"}
         return Rollout(**out, extras={k: _take(v, idx) for k, v in self.extras.items()})
+
+
+def batch_stats(batch: Rollout) -> dict:
+    """Reward, accuracy, entropy and length over the policy rows of a batch, as means over their counts."""
+    live = batch.in_policy > 0
+    m = batch.response_mask[live]
+    n_rows, n_tok = float(live.sum()), float(m.sum())
+    out = {"batch_rows": Sum(len(batch)), "batch/policy_rows": Sum(n_rows), "batch/policy_tokens": Sum(n_tok)}
+    if not live.any():
+        return out | {k: Mean(0.0, 0) for k in ("reward", "accuracy", "entropy", "response_len", "truncated")}
+    return out | {"reward": Mean(float(batch.rewards[live].mean()), n_rows),
+                  "accuracy": Mean(float(batch.correct[live].float().mean()), n_rows),
+                  "entropy": Mean(float((batch.entropies[live] * m).sum() / max(n_tok, 1.0)), n_tok),
+                  "response_len": Mean(float(batch.response_lengths[live].mean()), n_rows),
+                  "truncated": Mean(float(batch.truncated[live].float().mean()), n_rows)}
 
 
 def _take(v, idx: torch.Tensor):

@@ -453,6 +453,16 @@ def launch_command(args_line: str) -> str:
     return f"{python_cmd()} {args_line}"
 
 
+def rerun_hint(out: Path | None, command: str) -> str:
+    """The command that continues a stopped run: --resume where a checkpoint exists, else --overwrite."""
+    if out is None:
+        return ""
+    clean = re.sub(r"\s--(resume|overwrite)\b", "", command)
+    if latest_checkpoint(out):
+        return f"; continue with: {clean} --resume"
+    return f"; nothing was saved, start again with: {clean} --overwrite"
+
+
 def summary(cfg, rows: list[dict], wall: float, out: Path, command: str) -> None:
     """The closing lines of a run: held-out accuracy before -> after, time, where things are, what next."""
     py = python_cmd()

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import time
 import zlib
@@ -43,12 +42,12 @@ from dist import World, even_out
 from entropy import delimiter_table, response_logprobs
 from eval import evaluate_run, load_benchmarks
 from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss, tis_weights
-from metrics import Max, Mean, Sum
+from metrics import Max, Sum
 from models import autocast, count_parameters, load_policy, model_source, resolve_device, rollout_dtype
-from rollout import Rollout, concat, eos_ids, render_prompts, update_slices
-from runs import (CheckpointError, Interrupted, Logger, RunFolderError, StopAfterStep, dump_rollouts,
-                  further, latest_checkpoint, launch_command, load_checkpoint, prepare_out_dir, save_checkpoint, seed_everything,
-                  summary)
+from rollout import Rollout, batch_stats, concat, eos_ids, render_prompts, update_slices
+from runs import (CheckpointError, Interrupted, Logger, RunFolderError, StopAfterStep, dump_rollouts, further,
+                  latest_checkpoint, launch_command, load_checkpoint, prepare_out_dir, rerun_hint, save_checkpoint,
+                  seed_everything, summary)
 from sampler import Sampler, generate_hf, refresh_sampling_copy, row_seed, sampler_mismatch, sampling_copy
 
 RewardFn = Callable[[list[str], list[str]], list[float]]  # (responses, golds) -> rewards; 1.0 = verified correct
@@ -184,15 +183,17 @@ def collect(run: Run) -> tuple[Rollout, dict]:
             with timer(stats, "time/score"):
                 stats = metrics.add(stats, score(run, batch))
         if r == 0:
-            first = batch
+            first = batch  # round 0: every rank holds an equal share, so global group = rank offset + local
+            first.extras["global_group"] = [world.rank * len(batch) // G + i // G for i in range(len(batch))]
             stats |= group_stats(batch.correct, batch.rewards, G)
         if not cfg.algo.dynamic_sampling:
-            n_groups = world.gather(len(batch) // G)
-            batch.extras["global_group"] = [sum(n_groups[:world.rank]) + i // G for i in range(len(batch))]
             kept.append(batch)
             break
-        live = ~constant_groups(batch.rewards, G) if batch else torch.zeros(0, dtype=torch.bool)  # [n_groups]
-        keep = echorl.dropped_groups_to_keep(batch.correct, live, want, cfg.echo) if batch else live  # EchoRL
+        if batch is None:  # this rank drew nothing this round: it still joins the global decisions
+            live = keep = torch.zeros(0, dtype=torch.bool)
+        else:
+            live = ~constant_groups(batch.rewards, G)                                 # [n_groups]
+            keep = echorl.dropped_groups_to_keep(batch.correct, live, want, cfg.echo)  # EchoRL
         take, take_at = dist.first_in_global_order(live, want - n_kept, n_kept, world)
         echo, echo_at = dist.first_in_global_order(keep, want - n_echo, n_echo, world)
         for part, gmask, at in ((kept, take, take_at), (echo_only, echo, echo_at)):
@@ -204,8 +205,7 @@ def collect(run: Run) -> tuple[Rollout, dict]:
             break
     stats["sampling_rounds"] = float(r + 1)
     parts = [(b, 1.0) for b in kept if len(b)] + [(b, 0.0) for b in echo_only if len(b)]
-    if not parts and first is not None:  # nothing survived dynamic sampling: round 0's batch, outside the loss
-        first.extras["global_group"] = [i // G for i in range(len(first))]
+    if not parts:  # nothing survived dynamic sampling here: round 0's batch, outside the loss
         parts = [(first, 0.0)]
     for b, flag in parts:
         b.in_policy = torch.full((len(b),), flag, device=b.response_ids.device)
@@ -394,21 +394,6 @@ def rl_loss(run: Run, logp: torch.Tensor, ent: torch.Tensor, mb: Rollout, norm: 
     return loss, stats
 
 
-def batch_stats(batch: Rollout) -> dict:
-    """Reward, accuracy, entropy and length over the policy rows of a batch, as means over their counts."""
-    live = batch.in_policy > 0
-    m = batch.response_mask[live]
-    n_rows, n_tok = float(live.sum()), float(m.sum())
-    out = {"batch_rows": Sum(len(batch)), "batch/policy_rows": Sum(n_rows), "batch/policy_tokens": Sum(n_tok)}
-    if not live.any():
-        return out | {k: Mean(0.0, 0) for k in ("reward", "accuracy", "entropy", "response_len", "truncated")}
-    return out | {"reward": Mean(float(batch.rewards[live].mean()), n_rows),
-                  "accuracy": Mean(float(batch.correct[live].float().mean()), n_rows),
-                  "entropy": Mean(float((batch.entropies[live] * m).sum() / max(n_tok, 1.0)), n_tok),
-                  "response_len": Mean(float(batch.response_lengths[live].mean()), n_rows),
-                  "truncated": Mean(float(batch.truncated[live].float().mean()), n_rows)}
-
-
 def slices_of(run: Run, batch: Rollout, keep: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
     """This rank's rows of each mini-batch, in micro-batches (rollout.update_slices)."""
     t = run.cfg.train
@@ -540,9 +525,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, allow_c
                 try:
                     stats, batch = train_step(run)
                 except NonFiniteError as e:
-                    raise NonFiniteError(f"step {run.step + 1}: {e}; stopped before the optimizer step, nothing "
-                                         f"saved; last good checkpoint: {latest_checkpoint(out) or 'none'}. "
-                                         f"Lower train.lr or check the data.") from None
+                    raise NonFiniteError(f"step {run.step + 1}: {e}; stopped before the optimizer step; last good "
+                                         f"checkpoint: {latest_checkpoint(out) or 'none'}. Lower train.lr or check the "
+                                         f"data") from None
                 stats["time/step"] = time.perf_counter() - t0
                 s = run.step
                 if (cfg.eval.every and s % cfg.eval.every == 0) or s == cfg.train.steps:
@@ -597,16 +582,6 @@ def main(argv=None):
         what = f"{e}" if isinstance(e, Interrupted) else "interrupted: stopped at once, the last saved checkpoint is intact"
         say(f"\n{what}{rerun_hint(out, command)}", file=sys.stderr)
         sys.exit(130)
-
-
-def rerun_hint(out: Path | None, command: str) -> str:
-    """The command that continues a stopped run: --resume where a checkpoint exists, else --overwrite."""
-    if out is None:
-        return ""
-    clean = re.sub(r"\s--(resume|overwrite)\b", "", command)
-    if latest_checkpoint(out):
-        return f"; continue with: {clean} --resume"
-    return f"; nothing was saved, start again with: {clean} --overwrite"
 
 
 if __name__ == "__main__":

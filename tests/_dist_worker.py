@@ -26,7 +26,7 @@ import echorl  # noqa: E402
 import metrics  # noqa: E402
 import train  # noqa: E402
 from config import load_config  # noqa: E402
-from rollout import Rollout, concat  # noqa: E402
+from rollout import Rollout, batch_stats, concat  # noqa: E402
 
 
 def share(batch, G: int, world) -> "train.Rollout":
@@ -57,7 +57,7 @@ def main(batch_file: str, model_dir: str, out_file: str) -> None:
         stats = train.compute_advantages(run, mine) | train.old_policy(run, mine)
         if cfg.echo.enabled:
             stats |= echorl.echo_clips(run, mine)
-        stats |= train.update(run, mine) | train.batch_stats(mine)
+        stats |= train.update(run, mine) | batch_stats(mine)
         stats = metrics.reduce(stats, world)
         params = dist.full_state_dict(run.model, world)
         if world.main:
