@@ -9,32 +9,32 @@ Here a micro-batch becomes one packed sequence [1, N] of the tokens the log-prob
 Each token keeps its reference position id (a prompt counts from 0, a response from its prompt's
 length), so the rotary embeddings are the reference's. Embedding, norms, projections and MLPs act
 token by token, so they run on the N real tokens alone; the LM head runs on the response tokens'
-predictors alone. Attention is the one place tokens meet: `segment_attention` (registered with
-transformers' AttentionInterface, used for this forward only) gathers each segment's queries and
-keys into a padded block: a response attends to its prompt and to its own earlier tokens, a prompt
+predictors alone. Attention is the one place tokens meet: `segment_attention` (behind transformers'
+"sdpa" attention, taken when a forward passes the layout) gathers each segment's queries and keys
+into a padded block: a response attends to its prompt and to its own earlier tokens, a prompt
 to itself. Segments of similar length share a block (`BUCKET_RATIO`), so attention pads little too.
 A prompt's keys and values are gathered into every row of its group, and autograd sums their
 gradients back (index_select's backward is index_add): the same sum over the group's rows that the
 reference computes from G copies. A response's last token predicts nothing, so it is not forwarded.
 
 Log-probs, entropies and gradients are the reference's up to float summation order
-(tests/test_packing.py: 1e-12 in fp64). Supported: HF decoder-only models whose attention layers
+(tests/test_packing.py: 1e-12 in fp64). Supported: HF decoder-only models with SDPA attention that
 call ALL_ATTENTION_FUNCTIONS with full causal attention and RoPE from position ids (Qwen2, Qwen3,
-Llama; `unsupported` says why another falls back to the reference path).
+Llama); `unsupported` says why another model (or attn_implementation eager, or sliding-window
+layers) falls back to the reference path.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from entropy import response_logprobs as reference_logprobs
 from entropy import token_logprobs_entropy
 
-ATTENTION = "echorl_segments"
 BUCKET_RATIO = 0.6   # a segment joins the current attention block while its length is >= 0.6 x the block's longest
 FAMILIES = ("qwen2", "qwen3", "llama")
 
@@ -115,7 +115,7 @@ def segment_attention(module, query, key, value, attention_mask=None, dropout: f
     -> ([1, N, h, d], None). SDPA runs per block of segments; the output of every real query is
     gathered back into packed order."""
     if segments is None:
-        raise ValueError(f"attention '{ATTENTION}' needs the packed layout (packing.packed_response_logprobs)")
+        raise ValueError("segment_attention needs the packed layout (packing.packed_response_logprobs)")
     if sliding_window is not None or kwargs.get("softcap") is not None:
         raise ValueError("packed forward: sliding-window or soft-capped attention is not supported; set train.pack=false")
     segments.calls += 1
@@ -132,7 +132,16 @@ def segment_attention(module, query, key, value, attention_mask=None, dropout: f
     return torch.cat(outs).index_select(0, segments.inverse)[None], None           # [1, N, h, d]
 
 
-AttentionInterface.register(ATTENTION, segment_attention)
+def sdpa_or_segments(module, query, key, value, attention_mask, segments: Layout | None = None, **kwargs):
+    """transformers' "sdpa" attention, or `segment_attention` when a forward passes a packed layout. The
+    layout travels as a keyword argument, so a recomputed forward (gradient checkpointing) takes the same
+    path, and every forward without it is plain SDPA."""
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return segment_attention(module, query, key, value, attention_mask, segments=segments, **kwargs)
+
+
+AttentionInterface.register("sdpa", sdpa_or_segments)
 
 
 def unsupported(model) -> str | None:
@@ -140,20 +149,11 @@ def unsupported(model) -> str | None:
     conf = model.config
     if conf.model_type not in FAMILIES:
         return f"model type {conf.model_type!r} (packed forward: {', '.join(FAMILIES)})"
+    if conf._attn_implementation != "sdpa":
+        return f"attention implementation {conf._attn_implementation!r} (packed forward: 'sdpa')"
     if any(lt != "full_attention" for lt in getattr(conf, "layer_types", None) or ()):
         return "sliding-window attention layers"
     return None
-
-
-@contextmanager
-def _attention(model, name: str):
-    """The model's attention implementation set to `name` for one forward (the config is shared by its layers)."""
-    old = model.config._attn_implementation
-    model.config._attn_implementation = name
-    try:
-        yield
-    finally:
-        model.config._attn_implementation = old
 
 
 def packed_response_logprobs(model, batch, *, prompt_once: bool = True, temperature: float = 1.0,
@@ -164,9 +164,10 @@ def packed_response_logprobs(model, batch, *, prompt_once: bool = True, temperat
     captured = []
     hook = model.model.register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
     try:
-        with _attention(model, ATTENTION):
-            model(input_ids=lay.input_ids[None], position_ids=lay.position_ids[None], use_cache=False,
-                  logits_to_keep=1, segments=lay)
+        # A 4D mask is taken as prepared, so transformers builds no [N, N] mask; attention reads the layout.
+        placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=rm.device)
+        model(input_ids=lay.input_ids[None], position_ids=lay.position_ids[None], attention_mask=placeholder,
+              use_cache=False, logits_to_keep=1, segments=lay)
     finally:
         hook.remove()
     if lay.calls != model.config.num_hidden_layers:

@@ -39,9 +39,10 @@ from config import Config, ConfigError, load_config, to_dict
 from data import DataError
 from dist import World
 from echorl import echo_loss, peak_entropy_change, peak_tokens, select_clips
-from entropy import delimiter_table, response_logprobs, step_ids
+from entropy import delimiter_table, step_ids
 from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss, tis_weights
 from models import count_parameters, load_policy, model_source, resolve_device, rollout_dtype
+from packing import response_logprobs
 from rollout import Rollout, concat, eos_ids, generate_hf, render_prompts
 from sampler import Sampler, refresh_sampling_copy, sampling_copy
 from runs import (CheckpointError, Logger, RunFolderError, dump_rollouts, latest_checkpoint, load_checkpoint,
@@ -240,7 +241,8 @@ def old_policy(run: Run, batch: Rollout) -> dict:
         for m in models:
             with autocast(cfg, m):
                 lp, ent = response_logprobs(m, mb, temperature=cfg.rollout.temperature,
-                                            chunk_size=cfg.train.logprob_chunk, with_entropy=m is run.model)
+                                            chunk_size=cfg.train.logprob_chunk, pack=cfg.train.pack,
+                                            prompt_once=cfg.train.prompt_once, with_entropy=m is run.model)
             if rows is not None:
                 out[m][0].append(lp)
                 out[m][1].append(ent)
@@ -359,7 +361,8 @@ def accumulate_gradients(model, batch: Rollout, micro: list[torch.Tensor | None]
         mb = batch.select(idx if idx is not None else [0])
         with autocast(cfg, model):
             logp, ent = response_logprobs(model, mb, temperature=cfg.rollout.temperature,
-                                          chunk_size=cfg.train.logprob_chunk, with_entropy=with_entropy)
+                                          chunk_size=cfg.train.logprob_chunk, pack=cfg.train.pack,
+                                          prompt_once=cfg.train.prompt_once, with_entropy=with_entropy)
         if idx is None:  # keeps FSDP's collectives in step with the other ranks; adds nothing
             (logp.sum() * 0.0).backward()
             continue
@@ -457,7 +460,8 @@ def probe_gradients(run: Run, batch: Rollout) -> dict:
     mb = batch.select(micro[0])
     model.train()
     with autocast(cfg, model):
-        logp, _ = response_logprobs(model, mb, temperature=cfg.rollout.temperature, chunk_size=cfg.train.logprob_chunk)
+        logp, _ = response_logprobs(model, mb, temperature=cfg.rollout.temperature, chunk_size=cfg.train.logprob_chunk,
+                                    pack=cfg.train.pack, prompt_once=cfg.train.prompt_once)
     pg, _ = pg_term(logp, mb, norm, cfg)
     echo = echo_term(logp, mb, norm, float(batch.clip_mask[rows].sum()), cfg)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -481,7 +485,8 @@ def probe_sharpening(run: Run, batch: Rollout) -> dict:
     run.model.eval()
     with autocast(cfg, run.model):
         _, after = response_logprobs(run.model, mb, temperature=cfg.rollout.temperature,
-                                     chunk_size=cfg.train.logprob_chunk, with_entropy=True)
+                                     chunk_size=cfg.train.logprob_chunk, pack=cfg.train.pack,
+                                     prompt_once=cfg.train.prompt_once, with_entropy=True)
     peak = peak_tokens(mb.clip_mask, mb.extras["step_ids"])
     return {"probe/peak_entropy_change": peak_entropy_change(mb.entropies, after, peak)}
 
@@ -522,7 +527,9 @@ def update_slices(in_policy: torch.Tensor, cfg: Config, keep: torch.Tensor | Non
     then the echo-only rows'. The old-policy pass uses the same slices, so the first update sees
     bit-identical log-probs (ratio == 1 exactly). `keep` (bool [B]): the echo-only rows worth a
     forward in the update, those holding clip tokens (the others feed neither loss)."""
-    size, out = cfg.train.micro_batch_size, []
+    # Micro-batches of whole groups where they fit: the packed forward runs each distinct prompt once.
+    G, out = cfg.rollout.group_size, []
+    size = cfg.train.micro_batch_size // G * G or cfg.train.micro_batch_size
     keep = keep.cpu() if keep is not None else None
     for pol, echo in mini_batch_rows(in_policy, cfg.train.mini_batches):
         if keep is not None:
