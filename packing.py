@@ -47,7 +47,6 @@ class Layout:
     blocks: list                 # per attention block: (q_idx [n, L], k_idx [n, K], allowed [n, 1, L, K])
     inverse: torch.Tensor        # [N] row of each packed token in the blocks' concatenated outputs
     predict: torch.Tensor        # [M] packed index of the state that predicts each real response token
-    padded: int = 0              # query and key slots of the attention blocks, real or not (for the benchmark)
     calls: int = 0               # attention calls made with this layout (one per decoder layer)
 
 
@@ -87,7 +86,7 @@ def layout(batch, prompt_once: bool = True, bucket_ratio: float = BUCKET_RATIO) 
     clen = torch.cat([torch.zeros_like(p), p[inv][has]])
     order = torch.argsort(qlen, descending=True, stable=True)
     lengths = qlen[order].tolist()
-    blocks, inverse, padded, off, i = [], torch.empty(len(input_ids), dtype=torch.long, device=dev), 0, 0, 0
+    blocks, inverse, off, i = [], torch.empty(len(input_ids), dtype=torch.long, device=dev), 0, 0
     while i < len(lengths):
         j = i + 1
         while j < len(lengths) and lengths[j] >= bucket_ratio * lengths[i]:
@@ -103,10 +102,9 @@ def layout(batch, prompt_once: bool = True, bucket_ratio: float = BUCKET_RATIO) 
         flat = off + torch.arange(len(seg) * Lb, device=dev).view(len(seg), Lb)
         inverse[(s + qi)[real_q]] = flat[real_q]
         blocks.append((s + qi, k_idx, allowed[:, None]))
-        padded += len(seg) * (Lb + Kb)
         off += len(seg) * Lb
         i = j
-    return Layout(input_ids, position_ids, blocks, inverse, predict, padded)
+    return Layout(input_ids, position_ids, blocks, inverse, predict)
 
 
 def segment_attention(module, query, key, value, attention_mask=None, dropout: float = 0.0, scaling=None,
