@@ -183,8 +183,13 @@ def packed_response_logprobs(model, batch, *, prompt_once: bool = True, temperat
 def response_logprobs(model, batch, *, pack: bool = True, prompt_once: bool = True, temperature: float = 1.0,
                       chunk_size: int = 1024, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The trainer's forward (update, old-policy pass, probes): packed where `pack` and the model allow
-    (train.pack, train.prompt_once), else entropy.response_logprobs, the reference it is tested against."""
+    (train.pack, train.prompt_once), else entropy.response_logprobs, the reference it is tested against.
+
+    fp64 weights (exactness checks) forward each row's prompt: transformers' RMSNorm rounds to fp32, and
+    a shared prompt's gradient, summed over the rows of a micro-batch before that rounding, would then
+    depend on how micro-batches cut the groups (1e-7, not 1e-12, between one process and two)."""
     if pack and unsupported(model) is None:
+        prompt_once = prompt_once and next(model.parameters()).dtype != torch.float64
         return packed_response_logprobs(model, batch, prompt_once=prompt_once, temperature=temperature,
                                         chunk_size=chunk_size, with_entropy=with_entropy)
     return reference_logprobs(model, batch, temperature=temperature, chunk_size=chunk_size, with_entropy=with_entropy)

@@ -151,7 +151,8 @@ def test_models_the_packed_forward_cannot_run_take_the_reference_path():
 
 def _update_grads(model_dir, tmp_path, pack: bool, overrides, rewards, n_echo):
     """The stages after sampling on a fixed batch (old policy, EchoClips, one mini-batch's gradients) with
-    train.pack on or off; micro-batches of 3 rows cut the groups of 4."""
+    train.pack on or off; micro-batches of 3 rows cut the groups of 4. (fp64 weights: the packed forward
+    gives each row its prompt, see packing.response_logprobs; prompt sharing is checked above and below.)"""
     extra = [*overrides, "rollout.prompts_per_step=4", "rollout.group_size=4", "train.micro_batch_size=3",
              "train.old_logprobs=recompute", "reward.truncated=score", "algo.overlong_buffer=0", "model.dtype=float64",
              f"train.pack={str(pack).lower()}"]
