@@ -111,6 +111,10 @@ class TrainConfig:
     mini_batches: int = 2             # optimizer steps per epoch
     micro_batch_size: int = 64        # sequences per forward/backward
     logprob_chunk: int = 1024         # tokens per chunk of the LM head + log-softmax
+    pack: bool = True                 # the update's forward over real tokens only, rows packed into one sequence
+                                      # (packing.py); false: padded prompt + response rows (entropy.py, the reference)
+    prompt_once: bool = True          # with pack: each distinct prompt of a micro-batch forwarded once, its keys and
+                                      # values shared by the group's rows (not for float64 weights: packing.py)
     old_logprobs: Literal["auto", "recompute", "sampler"] = "auto"  # the old policy's log-probs and entropies:
                                       # the sampler's (no extra pass), or a teacher-forced pass. auto: the
                                       # sampler's where they are the same numbers (it samples with the policy's

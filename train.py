@@ -39,11 +39,12 @@ import tiny
 from config import Config, ConfigError, load_config, to_dict
 from data import DataError, ListStream, load_problems
 from dist import World, even_out
-from entropy import delimiter_table, response_logprobs
+from entropy import delimiter_table
 from eval import evaluate_run, load_benchmarks
 from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss, tis_weights
 from metrics import Max, Sum
 from models import autocast, count_parameters, load_policy, model_source, resolve_device, rollout_dtype
+from packing import response_logprobs
 from rollout import Rollout, batch_stats, concat, eos_ids, render_prompts, update_slices
 from runs import (CheckpointError, Interrupted, Logger, RunFolderError, StopAfterStep, dump_rollouts, further,
                   latest_checkpoint, launch_command, load_checkpoint, prepare_out_dir, rerun_hint, save_checkpoint,
@@ -252,9 +253,10 @@ def compute_advantages(run: Run, batch: Rollout) -> dict:
 def forward(run: Run, model, mb: Rollout, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and token entropies [b, R] of a micro-batch's responses under `model` (the policy, or
     the reference model), in the config's precision, at the sampling temperature."""
+    t = run.cfg.train
     with autocast(run.cfg, model):
-        return response_logprobs(model, mb, temperature=run.cfg.rollout.temperature,
-                                 chunk_size=run.cfg.train.logprob_chunk, with_entropy=with_entropy)
+        return response_logprobs(model, mb, temperature=run.cfg.rollout.temperature, chunk_size=t.logprob_chunk,
+                                 pack=t.pack, prompt_once=t.prompt_once, with_entropy=with_entropy)
 
 
 @torch.no_grad()
@@ -395,9 +397,11 @@ def rl_loss(run: Run, logp: torch.Tensor, ent: torch.Tensor, mb: Rollout, norm: 
 
 
 def slices_of(run: Run, batch: Rollout, keep: torch.Tensor | None = None) -> list[list[torch.Tensor]]:
-    """This rank's rows of each mini-batch, in micro-batches (rollout.update_slices)."""
-    t = run.cfg.train
-    return update_slices(batch, t.mini_batches, t.micro_batch_size, keep, run.world.sum if run.world.size > 1 else None)
+    """This rank's rows of each mini-batch, in micro-batches (rollout.update_slices) of whole groups where
+    they fit: the packed forward runs each distinct prompt of a micro-batch once."""
+    t, G = run.cfg.train, run.cfg.rollout.group_size
+    size = t.micro_batch_size // G * G or t.micro_batch_size
+    return update_slices(batch, t.mini_batches, size, keep, run.world.sum if run.world.size > 1 else None)
 
 
 def probing(run: Run, batch: Rollout) -> bool:
