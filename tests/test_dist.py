@@ -77,8 +77,9 @@ def two_processes(cases: Path, model_dir, out: Path) -> dict:
     # float64: the only differences are the order of floating-point sums (within a rank vs across ranks)
     ("float64", 1e-2, 1e-12),
     # float32: gradients agree to ~1e-7; Adam's first step divides by |g| + eps, which amplifies that
-    # noise on parameters whose gradient is near eps (1e-8), so the bound is a few lr ulps, not 1e-7
-    ("float32", 1e-3, 1e-5),
+    # noise on parameters whose gradient is near eps (1e-8), so the bound is a few percent of lr, not 1e-7
+    # (the packed forward sums a shared prompt's gradient over the rows of a micro-batch: another order)
+    ("float32", 1e-3, 3e-5),
 ])
 def test_two_ranks_with_half_the_rows_each_take_the_one_process_step(model_dir, tmp_path, dtype, lr, atol):
     cases = build_cases(model_dir, tmp_path, dtype, lr)

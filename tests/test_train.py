@@ -60,9 +60,9 @@ def test_first_update_sees_ratio_one_and_no_clipping(model_dir, tmp_path, source
     run, batch = prepared_batch(model_dir, tmp_path, "train.micro_batch_size=3", f"train.old_logprobs={source}")
     assert train.old_logprobs_from_sampler(run) == (source == "sampler")
     run.model.train()
-    for idx in micro_batches(len(batch), run.cfg.train.micro_batch_size):
+    for idx in [rows for mini in train.slices_of(run, batch) for rows in mini]:  # the update's micro-batches
         mb = batch.select(idx)
-        logp, _ = response_logprobs(run.model, mb, temperature=1.0, chunk_size=run.cfg.train.logprob_chunk)
+        logp, _ = train.forward(run, run.model, mb)
         ratio = torch.exp(logp - mb.old_logprobs)
         if source == "recompute":
             assert torch.equal(ratio, torch.ones_like(logp))
@@ -226,7 +226,7 @@ def test_old_logprobs_match_the_update_forward_exactly_with_several_mini_batches
     for mini in train.slices_of(run, batch):
         for idx in mini:
             mb = batch.select(idx)
-            logp, _ = response_logprobs(run.model, mb, temperature=1.0, chunk_size=run.cfg.train.logprob_chunk)
+            logp, _ = train.forward(run, run.model, mb)
             assert torch.equal(logp, mb.old_logprobs)
 
 
