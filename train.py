@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import warnings
 import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from models import autocast, count_parameters, load_policy, model_source, resolv
 from rollout import Rollout, concat, eos_ids, render_prompts
 from runs import (CheckpointError, Interrupted, Logger, RunFolderError, StopAfterStep, dump_rollouts,
                   latest_checkpoint, load_checkpoint, prepare_out_dir, python_cmd, save_checkpoint, summary)
-from sampler import Sampler, generate_hf, refresh_sampling_copy, sampling_copy
+from sampler import Sampler, generate_hf, refresh_sampling_copy, resolve_compile, sampling_copy
 
 RewardFn = Callable[[list[str], list[str]], list[float]]  # (responses, golds) -> rewards; 1.0 = verified correct
 
@@ -220,7 +221,9 @@ def rollout_stats(batch: Rollout) -> dict:
     s = batch.extras.get("sampler_stats")
     if not s:
         return {}
-    return {"rollout/tokens": Sum(s["tokens"]), "rollout/slot_steps": Sum(s["tokens"] / max(s["efficiency"], 1e-9))}
+    return {"rollout/tokens": Sum(s["tokens"]), "rollout/slot_steps": Sum(s["tokens"] / max(s["efficiency"], 1e-9)),
+            # torch's counters: graphs compiled and CUDA graph captures skipped while sampling (0 once warm)
+            "sampler/recompiles": Sum(s["recompiles"]), "sampler/cudagraph_skips": Sum(s["cudagraph_skips"])}
 
 
 def group_stats(correct: torch.Tensor, rewards: torch.Tensor, G: int) -> dict:
@@ -486,6 +489,7 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device, world)
     stream = train_stream(cfg)
+    questions = [p.question for p in stream.problems] if isinstance(stream, ListStream) else None
     if world.launched:
         stream = dist.RankShare(stream, world)
     base = world.on_main(model_source, cfg)  # rank 0 builds the tiny warm start (or checks the hub) once
@@ -497,27 +501,48 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
     if cfg.algo.kl_coef > 0:
         ref_model = load_policy(base, cfg, device)[0].requires_grad_(False).eval()
     weights = sampling_copy(model, sampling, always=world.launched) if copy_bytes else None
+    if cfg.train.old_logprobs == "sampler" and sampling.itemsize < 4:
+        warnings.warn(f"train.old_logprobs: sampler with {sampling} sampling weights: the old policy is then the "
+                      f"{sampling} sampler itself, so algo.tis_cap has nothing to correct and the ratio carries the "
+                      f"{sampling} mismatch; 'auto' recomputes them in the policy's precision")
     if world.launched:
         compute = getattr(torch, cfg.model.autocast) if cfg.model.autocast != "none" else None
         model = dist.shard(model, compute)
         if ref_model is not None:
             ref_model = dist.shard(ref_model, compute)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                            betas=tuple(cfg.train.betas))
+                            betas=tuple(cfg.train.betas), fused=True if device.type == "cuda" else None)
     sched = make_scheduler(opt, cfg)
     seed_everything(cfg.train.seed + world.rank)
     if reward_fn is None:
         reward_fn = partial(reward.score_batch, workers=cfg.reward.workers, format_reward=cfg.reward.format_reward)
     sampler = None
     if cfg.rollout.engine == "slots":
-        sampler = Sampler(weights or model, tok, slots=cfg.rollout.slots,
-                          compile={"auto": "auto", "on": True, "off": False}[cfg.rollout.compile])
+        try:  # the build tools torch.compile needs, checked now rather than at the first decoding step
+            compiled = resolve_compile({"auto": "auto", "on": True, "off": False}[cfg.rollout.compile], device)
+        except RuntimeError as e:
+            raise ConfigError(f"rollout.compile on: {e}") from None
+        sampler = Sampler(weights or model, tok, slots=cfg.rollout.slots, compile=compiled,
+                          max_len=longest_row(cfg, tok, questions))
     run = Run(cfg=cfg, model=model, tok=tok, opt=opt, sched=sched, stream=stream, reward_fn=reward_fn,
               ref_model=ref_model, delims=delimiter_table(tok, cfg.echo.delimiter), eos=eos_ids(tok, model),
               sampling_weights=weights, sampler=sampler, world=world)
     if checkpoint is not None:
         run.step = load_checkpoint(checkpoint, run)
     return run
+
+
+def longest_row(cfg: Config, tok, questions: list[str] | None) -> int | None:
+    """Prompt + response tokens of the longest row the run will sample: the longest rendered prompt of
+    the training problems and the evaluation benchmarks plus the larger max_new_tokens. The sampler's
+    KV cache is allocated once at this length (a longer one would be reallocated and its step compiled
+    again mid-run). None for the embedded task's endless stream (short prompts: grown on demand)."""
+    if questions is None:
+        return None
+    questions = questions + [p.question for ps in load_benchmarks(cfg).values() for p in ps]
+    prompts = render_prompts(questions, tok, cfg.data.template, cfg.data.system_prompt)
+    longest = max(map(len, tok(prompts, add_special_tokens=False)["input_ids"]))
+    return longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
 
 
 def refresh_sampler(run: Run) -> None:
@@ -569,6 +594,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, allow_c
     try:
         ckpt = world.on_main(prepare_out_dir, cfg, resume, overwrite, allow_changes)  # rank 0 decides for all
         out = Path(cfg.train.out_dir)
+        dist.check_shared_folder(out, world)  # every rank writes its checkpoint shards there
         heldout = load_benchmarks(cfg)  # data errors surface before the model is loaded
         run = setup(cfg, checkpoint=ckpt, reward_fn=reward_fn, world=world)
         if world.main:
