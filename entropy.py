@@ -56,8 +56,9 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         N, cd = h.shape[0], compute_dtype(h)
         lp = torch.empty(N, device=h.device, dtype=_acc(h.dtype))
         ent = torch.zeros(N, device=h.device, dtype=_acc(h.dtype))
+        w = weight.to(cd)  # cast once, not per chunk
         for s in range(0, N, chunk_size):
-            logp = torch.log_softmax(chunk_logits(h[s:s + chunk_size], weight, temperature, cd), dim=-1)
+            logp = torch.log_softmax(chunk_logits(h[s:s + chunk_size], w, temperature, cd), dim=-1)
             lp[s:s + chunk_size] = logp.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)
             if with_entropy:
                 ent[s:s + chunk_size] = -(logp.exp() * logp).sum(-1)
@@ -76,7 +77,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             for s in range(0, h.shape[0], ctx.chunk_size):
                 sl = slice(s, s + ctx.chunk_size)
                 hc = h[sl].to(cd)
-                logp = torch.log_softmax(chunk_logits(h[sl], weight, ctx.temperature, cd), dim=-1)    # [n, V]
+                logp = torch.log_softmax(chunk_logits(h[sl], w, ctx.temperature, cd), dim=-1)         # [n, V]
                 p = logp.exp()
                 g_lp = grad_lp[sl].to(acc)[:, None]
                 d = -p * g_lp                                                            # (onehot - p) g_lp

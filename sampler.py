@@ -641,7 +641,8 @@ def generate_hf(model, tokenizer, prompts: list[str], *, group_size: int, max_ne
         if return_logprobs:
             lp, ent = scorer.finish(out.sequences[:, -1])                         # [b, R]
             assert lp.shape == resp.shape, (lp.shape, resp.shape)
-            lp, ent = lp * mask, ent * mask
+            # after its EOS a row draws padding, which a caller's processor may have banned (-inf): zeros
+            lp, ent = lp.masked_fill(mask == 0, 0.0), ent.masked_fill(mask == 0, 0.0)
         parts.append(Rollout(
             prompt_ids=enc["input_ids"], prompt_mask=enc["attention_mask"],
             response_ids=resp.masked_fill(mask == 0, pad_id), response_mask=mask, truncated=truncated,
