@@ -62,7 +62,8 @@ class RolloutConfig:
     top_p: float = 1.0
     engine: Literal["slots", "hf"] = "slots"  # sampler.Sampler (continuous refill), or plain HF generate
     slots: int = 0                    # sequences decoded at once; a finished one's slot takes the next row. 0 = all
-    compile: Literal["auto", "on", "off"] = "auto"  # the decoding step as CUDA graphs; auto: on for CUDA only
+    compile: Literal["auto", "on", "off"] = "auto"  # the decoding step as CUDA graphs; auto: on for CUDA when a C
+                                      # compiler and Python headers are there (else eager, said in one line)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # sampling weights; auto: model.autocast,
                                       # else model.dtype. Another dtype than the policy's keeps a copy in it
 

@@ -131,7 +131,8 @@ def resolve_compile(compile: bool | str, device: torch.device) -> bool:
             return False
         missing = compile_toolchain_missing(device.type)
         if missing:
-            print(f"rollout.compile auto: {missing}; the sampler runs eager (same numbers, slower decoding)", flush=True)
+            print(f"rollout.compile auto: {missing}; the sampler runs eager (same numbers, slower decoding)",
+                  flush=True)
         return missing is None
     if compile:
         missing = compile_toolchain_missing(device.type)
@@ -230,9 +231,10 @@ class Sampler:
     layers x 2 x kv_heads x head_dim x bytes (Qwen2.5-1.5B in bf16, 128 slots x 3,329 columns:
     12 GB); `release()` frees it. `max_len` (the longest prompt plus the most new tokens the
     sampler will be asked for; train.setup reads it from the data) sizes it once, and every call
-    then decodes with all `slots`, as a compiled sampler always does; a call that needs more columns,
-    or another slot count, reallocates it (and compiles again), counted in `allocations`. Sample without autocast, from weights in the sampling dtype (`sampling_copy`):
-    under autocast an fp32 cache would be cast to bf16 at every step.
+    then decodes with all `slots`, as a compiled sampler always does; a call that needs more
+    columns, or another slot count, reallocates it (and compiles again), counted in `allocations`.
+    Sample without autocast, from weights in the sampling dtype (`sampling_copy`): under autocast
+    an fp32 cache would be cast to bf16 at every step.
 
     `lag` (default: 1 on CUDA, 0 elsewhere): the host learns which rows ended this many steps late,
     from a non-blocking copy of the flags, so it queues the next step while the GPU still runs this

@@ -256,16 +256,18 @@ def main(argv=None):
                                                                            "qwen2.5-math-1.5b")))
     ap.add_argument("--train-file", default=os.environ.get("TRAIN_FILE", str(ROOT.parent / "shared" / "data" /
                                                                              "math" / "train.jsonl")))
-    ap.add_argument("--rows", type=int, default=None, help="rollout rows (default 128; --cpu 16)")
-    ap.add_argument("--new-tokens", type=int, default=None, help="rollout max_new_tokens (default 1024; --cpu 16)")
-    ap.add_argument("--step-tokens", type=int, default=None, help="train max_new_tokens (default 1024, --dist 512; "
-                                                                  "--cpu 12)")
+    env = lambda key: int(os.environ[key]) if os.environ.get(key) else None  # gpu_check.sh passes these through
+    ap.add_argument("--rows", type=int, default=env("GPU_CHECK_ROWS"), help="rollout rows (default 128; --cpu 16)")
+    ap.add_argument("--new-tokens", type=int, default=env("GPU_CHECK_NEW_TOKENS"),
+                    help="rollout max_new_tokens (default 512; --cpu 16)")
+    ap.add_argument("--step-tokens", type=int, default=env("GPU_CHECK_STEP_TOKENS"),
+                    help="train max_new_tokens (default 512, --dist 256; --cpu 12)")
     args = ap.parse_args(argv)
     args.rows = args.rows or (16 if args.cpu else 128)
-    args.new_tokens = args.new_tokens or (16 if args.cpu else 1024)
-    args.step_tokens = args.step_tokens or (12 if args.cpu else 512 if args.dist else 1024)
+    args.new_tokens = args.new_tokens or (16 if args.cpu else 512)
+    args.step_tokens = args.step_tokens or (12 if args.cpu else 256 if args.dist else 512)
     if not args.cpu and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device visible to torch (bash benchmarks/gpu_check.sh --cpu checks the script on CPU)")
+        raise SystemExit("no CUDA device visible to torch (bash benchmarks/gpu_check.sh --cpu: the same on CPU)")
     t0 = time.perf_counter()
     (rollout if args.part == "rollout" else train_part)(args)
     print(f"{args.part}{' --dist' if args.dist else ''}: passed in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one call, the first thing to run on a GPU (one H100/H200; about 8 minutes on an H100).
+# The GPU check: one call, the first thing to run on a GPU (one H100/H200; 6-8 minutes on an H100, estimated).
 #   bash benchmarks/gpu_check.sh          # Qwen2.5-Math-1.5B's shape, random init (config + real tokenizer)
 #   bash benchmarks/gpu_check.sh --cpu    # the same script on CPU with a 2-layer model (a few minutes)
 # Parts (benchmarks/gpu_check.py): rollout (HF generate vs the sampler eager vs compiled, temperature
@@ -8,6 +8,8 @@
 # benchmarks/results/gpu_check_<date>.md (--cpu: gpu_check_<date>_cpu.md; or $GPU_CHECK_OUT); a failing
 # part is named and the script exits 1 after running the others.
 # Run from anywhere; the model and data default to ../shared next to the repo (MODEL_DIR, TRAIN_FILE).
+# Sizes (GPU defaults): GPU_CHECK_ROWS=128 GPU_CHECK_NEW_TOKENS=512 (rollout), GPU_CHECK_STEP_TOKENS=512
+# (train; torchrun 256). The times above are estimates until the first run replaces them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
