@@ -62,7 +62,8 @@ class RolloutConfig:
     top_p: float = 1.0
     engine: Literal["slots", "hf"] = "slots"  # sampler.Sampler (continuous refill), or plain HF generate
     slots: int = 0                    # sequences decoded at once; a finished one's slot takes the next row. 0 = all
-    compile: Literal["auto", "on", "off"] = "auto"  # the decoding step as CUDA graphs; auto: on for CUDA only
+    compile: Literal["auto", "on", "off"] = "auto"  # the decoding step as CUDA graphs; auto: on for CUDA when a C
+                                      # compiler and Python headers are there (else eager, said in one line)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # sampling weights; auto: model.autocast,
                                       # else model.dtype. Another dtype than the policy's keeps a copy in it
 
@@ -122,6 +123,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"              # auto: cuda if visible, else cpu; "cuda" without a GPU stops at load
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # under torchrun; auto: nccl on GPUs, gloo on CPU
+    dist_timeout_min: float = 60.0    # how long a collective waits for the slowest rank (torch's default, 10, is
+                                      # shorter than one rank's longest rollout or rank 0's HF export at 7B)
     threads: int = 0                  # torch CPU threads; 0 = torch default
     out_dir: str = "runs/tiny"
     save_every: int = 20
@@ -174,6 +177,8 @@ def _coerce(value, tp, key: str):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         v = str(value) if all(isinstance(a, str) for a in args) and isinstance(value, int) else value
+        if isinstance(value, bool) and {"on", "off"} <= set(args):  # YAML 1.1 reads a bare on/off as a bool
+            v = "on" if value else "off"
         if v not in args:
             raise ConfigError(f"config key '{key}': {value!r} is not allowed; allowed values: {list(args)}")
         return v
@@ -338,6 +343,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"config key 'eval.temperature' must be >= 0, got {cfg.eval.temperature}")
     if cfg.eval.max_new_tokens is not None and cfg.eval.max_new_tokens <= 0:
         raise ConfigError(f"config key 'eval.max_new_tokens' must be > 0 (or null), got {cfg.eval.max_new_tokens}")
+    if cfg.train.dist_timeout_min <= 0:
+        raise ConfigError(f"config key 'train.dist_timeout_min' must be > 0, got {cfg.train.dist_timeout_min}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr' must be > 0, got {cfg.train.lr}")
     if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1:

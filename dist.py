@@ -24,7 +24,12 @@ j mod k (rollout.mini_batch_rows), on whichever rank they are: one process forms
 from __future__ import annotations
 
 import os
+import secrets
+import socket
+import time
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
@@ -120,7 +125,9 @@ def init(cfg) -> World:
     if cuda:
         torch.cuda.set_device(world.local_rank)
     if not torch_dist.is_initialized():  # a second run in the same processes reuses the group
-        torch_dist.init_process_group(backend)
+        # device_id binds the group to this rank's GPU at once (NCCL's communicators are built eagerly)
+        torch_dist.init_process_group(backend, timeout=timedelta(minutes=cfg.train.dist_timeout_min),
+                                      device_id=torch.device("cuda", world.local_rank) if backend == "nccl" else None)
     return World(rank=world.rank, size=world.size, local_rank=world.local_rank, launched=True,
                  device=torch.device("cuda", world.local_rank) if backend == "nccl" else torch.device("cpu"))
 
@@ -143,6 +150,40 @@ def first_in_global_order(flags: torch.Tensor, room: int, start: int, world: Wor
     rank_in_order = before + flags.cpu().long().cumsum(0)                          # 1-based, global
     take = flags.cpu() & (rank_in_order <= room)
     return take.to(flags.device), (start + rank_in_order - 1)[take]
+
+
+def check_shared_folder(path: Path, world: World, wait_s: float = 10.0) -> None:
+    """Stop at start-up unless every rank sees the same `path` (train.out_dir). Rank 0 creates each
+    checkpoint's temporary folder and every rank writes its shards into it: on nodes that do not share
+    that storage the first checkpoint would fail, hours in. Rank 0 writes a marker file; a rank that
+    has not seen it after `wait_s` seconds (network file systems may show a new file late) is named."""
+    if world.size == 1:
+        return
+    token = world.gather(secrets.token_hex(8) if world.main else None)[0]
+    marker = Path(path) / f".shared_check_{token}"
+    if world.main:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token)
+    world.barrier()
+    deadline, seen = time.monotonic() + wait_s, False
+    while not seen:
+        try:
+            seen = marker.read_text() == token
+        except OSError:
+            pass
+        if not seen and time.monotonic() > deadline:
+            break
+        if not seen:
+            time.sleep(0.5)
+    blind = [(r, host) for r, (ok, host) in enumerate(world.gather((seen, socket.gethostname()))) if not ok]
+    world.barrier()
+    if world.main:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise ConfigError(f"train.out_dir {path} is not one folder for every process: rank(s) "
+                          f"{', '.join(f'{r} ({h})' for r, h in blind)} do not see the file rank 0 wrote there. "
+                          f"Checkpoints are written there by every rank: on several nodes, point train.out_dir "
+                          f"at storage every node mounts (NFS, Lustre, ...)")
 
 
 def abandon(world: World) -> None:

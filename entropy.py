@@ -18,9 +18,28 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[N, H] x [V, H] -> logits [N, V] of the temperature-scaled distribution, in at least fp32."""
-    logits = (h @ weight.to(h.dtype).T).to(_acc(h.dtype))
+def compute_dtype(h: torch.Tensor) -> torch.dtype:
+    """The dtype the LM-head matmuls take their inputs in: autocast's (bf16) where autocast is on for
+    h's device and would cast h, else h's own. The forward records it and the backward reuses it:
+    autograd runs a custom backward outside autocast, and logits recomputed at another precision than
+    the forward's would give the gradient of a different function."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev) and h.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(dev)
+    return h.dtype
+
+
+def chunk_logits(h: torch.Tensor, weight: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """[N, H] x [V, H] -> logits [N, V] of the temperature-scaled distribution, in at least fp32.
+
+    One precision policy, shared with the sampler: inputs cast to `dtype` (compute_dtype), products
+    accumulated in fp32 and returned in fp32. On CUDA a bf16 matmul hands over its fp32 accumulator
+    (torch.mm out_dtype); CPU has no such kernel, and rounds the product to bf16 first. fp32 and
+    fp64 inputs stay exact."""
+    acc = _acc(h.dtype)
+    a, b = h.to(dtype), weight.to(dtype).T
+    with torch.autocast(h.device.type, enabled=False):
+        logits = torch.mm(a, b, out_dtype=acc) if a.is_cuda and dtype != acc else (a @ b).to(acc)
     return logits.div_(temperature) if temperature != 1.0 else logits
 
 
@@ -29,44 +48,53 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
 
     With z the scaled logits, p = softmax(z) and H = -sum p log p:
       d logp_n / dz = onehot(y_n) - p,     dH / dz = -p * (log p + H);     dz / dlogits = 1 / T.
+    Precision (chunk_logits): the backward recomputes the forward's logits exactly, and its two
+    matmuls take their inputs in the same dtype (bf16 under autocast: tensor-core speed, fp32
+    accumulation, as autograd's own backward of a bf16 matmul; fp32/fp64 stay exact).
     """
 
     @staticmethod
     def forward(ctx, h, weight, targets, temperature, chunk_size, with_entropy):
-        N = h.shape[0]
+        N, cd = h.shape[0], compute_dtype(h)
         lp = torch.empty(N, device=h.device, dtype=_acc(h.dtype))
         ent = torch.zeros(N, device=h.device, dtype=_acc(h.dtype))
+        w = weight.to(cd)  # cast once, not per chunk
         for s in range(0, N, chunk_size):
-            logp = torch.log_softmax(_chunk_logits(h[s:s + chunk_size], weight, temperature), dim=-1)
+            logp = torch.log_softmax(chunk_logits(h[s:s + chunk_size], w, temperature, cd), dim=-1)
             lp[s:s + chunk_size] = logp.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)
             if with_entropy:
                 ent[s:s + chunk_size] = -(logp.exp() * logp).sum(-1)
         ctx.save_for_backward(h, weight, targets, ent)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.cd = temperature, chunk_size, cd
         return lp, ent
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
         h, weight, targets, ent = ctx.saved_tensors
+        cd, acc = ctx.cd, _acc(h.dtype)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        acc = _acc(h.dtype)
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if ctx.needs_input_grad[1] else None
-        w32 = weight.to(acc)
-        for s in range(0, h.shape[0], ctx.chunk_size):
-            sl = slice(s, s + ctx.chunk_size)
-            hc = h[sl]
-            logp = torch.log_softmax(_chunk_logits(hc, weight, ctx.temperature), dim=-1)     # [n, V]
-            p = logp.exp()
-            g_lp = grad_lp[sl].to(acc)[:, None]
-            d = -p * g_lp                                                                # (onehot - p) g_lp
-            d.scatter_add_(-1, targets[sl, None], g_lp)
-            if grad_ent is not None and bool((grad_ent[sl] != 0).any()):
-                d -= p * (logp + ent[sl, None]) * grad_ent[sl].to(acc)[:, None]
-            d.div_(ctx.temperature)
-            if grad_h is not None:
-                grad_h[sl] = (d @ w32).to(h.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(d.T, hc.to(acc))
+        w = weight.to(cd)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], ctx.chunk_size):
+                sl = slice(s, s + ctx.chunk_size)
+                hc = h[sl].to(cd)
+                logp = torch.log_softmax(chunk_logits(h[sl], w, ctx.temperature, cd), dim=-1)         # [n, V]
+                p = logp.exp()
+                g_lp = grad_lp[sl].to(acc)[:, None]
+                d = -p * g_lp                                                            # (onehot - p) g_lp
+                d.scatter_add_(-1, targets[sl, None], g_lp)
+                if grad_ent is not None and bool((grad_ent[sl] != 0).any()):
+                    d -= p * (logp + ent[sl, None]) * grad_ent[sl].to(acc)[:, None]
+                d = d.div_(ctx.temperature).to(cd)
+                if grad_h is not None:
+                    grad_h[sl] = (d @ w).to(h.dtype)
+                if grad_w is None:
+                    continue
+                if cd == acc:
+                    grad_w.addmm_(d.T, hc)
+                else:  # a low-precision product of this chunk, summed over chunks in fp32
+                    grad_w += d.T @ hc
         return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None
 
 

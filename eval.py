@@ -301,6 +301,19 @@ def load_benchmarks(cfg: Config) -> dict[str, list[Problem]]:
     return dict(load_benchmark(name, cfg) for name in cfg.eval.benchmarks)
 
 
+def longest_row(cfg: Config, tok, questions: list[str] | None) -> int | None:
+    """Prompt + response tokens of the longest row a run will sample: the longest rendered prompt of
+    the training problems and the evaluation benchmarks plus the larger max_new_tokens. The sampler's
+    KV cache is allocated once at this length (a longer one would be reallocated and its step compiled
+    again mid-run). None for the embedded task's endless stream (short prompts: grown on demand)."""
+    if questions is None:
+        return None
+    questions = questions + [p.question for ps in load_benchmarks(cfg).values() for p in ps]
+    prompts = rollout.render_prompts(questions, tok, cfg.data.template, cfg.data.system_prompt)
+    longest = max(map(len, tok(prompts, add_special_tokens=False)["input_ids"]))
+    return longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0)
+
+
 def evaluate_run(run, problems: dict[str, list[Problem]], progress: bool = True) -> dict:
     """The in-loop evaluation of a train.Run: held-out avg@n (and pass@n) per benchmark, sampled with
     the run's sampler. Under torchrun each rank scores every size-th problem and the counts are summed."""

@@ -12,19 +12,27 @@ entropies at no extra cost.
   * Randomness: every row has its own stream, a counter-based hash of (seed, row seed, position):
     a row's tokens do not depend on the slot count, the order of the rows, or who else is in the call.
   * Speed: the decoding step has fixed shapes; on CUDA it is compiled (torch.compile,
-    "reduce-overhead": CUDA graphs), which removes the per-token launch overhead of Python.
+    "reduce-overhead": CUDA graphs), which removes the per-token launch overhead of Python. The
+    host never waits for the GPU inside the loop: it reads a step's end-of-row flags one step late.
   * `sampling_copy`: the policy in the sampling dtype (bf16 on GPU), refreshed in place after
     every optimizer step, so sampling runs without autocast and caches keys and values in bf16.
 """
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import sysconfig
 import time
 import zlib
 from collections import deque
+from pathlib import Path
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
+from config import ConfigError
+from entropy import chunk_logits
 from metrics import Max, Mean
 from rollout import Rollout, concat, eos_ids, response_mask_from_ids
 
@@ -74,19 +82,24 @@ def uniforms(keys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return ((h >> 8).float() + 0.5) * 2.0 ** -24
 
 
-def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float = 1.0):
+def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature, top_p=1.0):
     """Inverse-CDF sampling: logits [S, V] (fp32), u [S] -> tokens, log-probs, entropies, each [S].
 
     Log-prob and entropy are those of softmax(logits / T) over the full vocabulary (T = 1 when
     greedy), the same definition as entropy.response_logprobs, so the trainer can use them as is.
     top_p keeps the smallest set of most likely tokens whose mass reaches top_p (nucleus).
+    `temperature` and `top_p` are floats or 0-d tensors: a tensor is read on the device when the
+    kernels run, so a compiled step follows its value without recompiling (greedy is the float
+    0.0, and a float top_p of 1.0 skips the nucleus, both decided when the step is traced).
     """
-    logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # [S, V]
+    greedy = not torch.is_tensor(temperature) and temperature <= 0
+    nucleus = torch.is_tensor(top_p) or top_p < 1.0
+    logp = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)          # [S, V]
     p = logp.exp()
     ent = -(p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)  # 0 * -inf -> 0 for masked-out tokens
-    if temperature <= 0:
+    if greedy:
         tok = logits.argmax(-1)
-    elif top_p < 1.0:
+    elif nucleus:
         ps, order = p.sort(-1, descending=True)                                            # [S, V]
         ps = ps.masked_fill(ps.cumsum(-1) - ps >= top_p, 0.0)  # mass before the token already >= top_p
         cdf = ps.cumsum(-1)
@@ -96,6 +109,47 @@ def sample_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top
         cdf = p.cumsum(-1)                                                                  # [S, V]
         tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(p.shape[-1] - 1).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1), ent
+
+# ----------------------------------------------------------------------------------------
+# torch.compile's build tools
+
+
+def compile_toolchain_missing(device_type: str) -> str | None:
+    """What torch.compile lacks on this machine to build its kernels (None: nothing). Inductor builds
+    C++ for CPU kernels; on CUDA, Triton builds a small C launcher per kernel. Both compile against
+    Python's headers, so an image without a compiler or python3-dev fails at the first compiled call."""
+    if device_type == "cuda":  # Triton's own search: $CC, else gcc, else clang
+        names, what = ("gcc", "clang"), "a C compiler (gcc or clang, or $CC), which Triton builds its launchers with"
+        env = os.environ.get("CC")
+    else:  # Inductor's C++ kernels
+        names, what = ("g++", "clang++", "c++"), "a C++ compiler (g++ or clang++, or $CXX) for Inductor's CPU kernels"
+        env = os.environ.get("CXX")
+    if not (env and shutil.which(env)) and not any(shutil.which(n) for n in names):
+        return f"no {what}"
+    include = Path(sysconfig.get_paths()["include"])
+    if not (include / "Python.h").is_file():
+        return f"no Python headers ({include}/Python.h; install python3-dev or python3.X-dev)"
+    return None
+
+
+def resolve_compile(compile: bool | str, device: torch.device) -> bool:
+    """Whether the decoding step is compiled. "auto": on CUDA when the build tools are there, else
+    eager with one line saying why (the same numbers, slower decoding). True: compile, or a
+    ConfigError naming what is missing, before any work rather than at the first decoding call."""
+    if compile == "auto":
+        if device.type != "cuda":
+            return False
+        missing = compile_toolchain_missing(device.type)
+        if missing:
+            print(f"rollout.compile auto: {missing}; the sampler runs eager (same numbers, slower decoding)",
+                  flush=True)
+        return missing is None
+    if compile:
+        missing = compile_toolchain_missing(device.type)
+        if missing:
+            raise ConfigError(f"rollout.compile on: torch.compile needs {missing.removeprefix('no ')}; install it, "
+                              f"or sample eager (rollout.compile: auto or off)")
+    return bool(compile)
 
 # ----------------------------------------------------------------------------------------
 # The slot sampler
@@ -177,14 +231,24 @@ class Sampler:
     Each row draws from its own counter-based stream (seed, row seed, position), so its tokens do
     not depend on the slot count, the other rows, or the order in which rows finish.
 
-    `compile` ("auto": on CUDA only) runs the decoding step through
-    `torch.compile(mode="reduce-overhead")`: CUDA graphs replay the ~1,000 kernels of a step with
-    one launch instead of launching each from Python. The cache then stays allocated between
-    calls (the graphs hold its address): slots x cache_len x layers x 2 x kv_heads x head_dim x
-    bytes (Qwen2.5-1.5B in bf16, 128 slots x 3,328 columns: 12 GB); `release()` frees it. A call
-    that needs more columns or another slot count reallocates it (and compiles again). Sample
-    without autocast, from weights in the sampling dtype (`sampling_copy`): under autocast an
-    fp32 cache would be cast to bf16 at every step.
+    `compile` ("auto": on CUDA, when the build tools are there; see `resolve_compile`) runs the
+    decoding step through `torch.compile(mode="reduce-overhead")`: CUDA graphs replay the ~1,000
+    kernels of a step with one launch instead of launching each from Python. Temperature and top-p
+    live in device tensors that each call overwrites in place, so a captured graph samples at the
+    call's temperature (training at 1.0, evaluation at 0.6) without recompiling.
+
+    The cache stays allocated between calls (CUDA graphs hold its address): slots x columns x
+    layers x 2 x kv_heads x head_dim x bytes (Qwen2.5-1.5B in bf16, 128 slots x 3,329 columns:
+    12 GB); `release()` frees it. `max_len` (the longest prompt plus the most new tokens the
+    sampler will be asked for; train.setup reads it from the data) sizes it once, and every call
+    then decodes with all `slots`, as a compiled sampler always does; a call that needs more
+    columns, or another slot count, reallocates it (and compiles again), counted in `allocations`.
+    Sample without autocast, from weights in the sampling dtype (`sampling_copy`): under autocast
+    an fp32 cache would be cast to bf16 at every step.
+
+    `lag` (default: 1 on CUDA, 0 elsewhere): the host learns which rows ended this many steps late,
+    from a non-blocking copy of the flags, so it queues the next step while the GPU still runs this
+    one; an ended row's slot idles for those steps (its writes go to the sink row) before a refill.
 
     Model: an HF causal LM whose attention calls `cache.update(k, v, layer_idx)` and uses a 4D
     mask as given (Qwen2, Llama, ...), attention "sdpa" or "eager", no sliding-window layers.
@@ -196,7 +260,8 @@ class Sampler:
     """
 
     def __init__(self, model, tokenizer, *, slots: int = 0, compile: bool | str = "auto",
-                 refill: int | None = None, window: int | None = None):
+                 refill: int | None = None, window: int | None = None, max_len: int | None = None,
+                 lag: int | None = None):
         cfg = model.config
         if cfg._attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"Sampler: attention {cfg._attn_implementation!r} is not supported; use 'sdpa' or 'eager'")
@@ -209,7 +274,16 @@ class Sampler:
         # logits, log-probs and entropies in fp32, or fp64 for an fp64 model: then the trainer's own
         # pass (entropy.py accumulates the same way) and the sampler agree to fp64 rounding
         self.acc = torch.promote_types(p.dtype, torch.float32)
-        self.compiled = self.device.type == "cuda" if compile == "auto" else bool(compile)
+        self.compiled = resolve_compile(compile, self.device)
+        self.max_len, self.allocations = max_len, 0
+        self.lag = (1 if self.device.type == "cuda" else 0) if lag is None else lag
+        # read by the compiled step as device tensors (their values are not baked into a graph);
+        # greedy and nucleus are Python flags: a change there is another graph
+        self.temperature = torch.ones((), dtype=self.acc, device=self.device)
+        self.top_p = torch.ones((), dtype=self.acc, device=self.device)
+        self.greedy = self.nucleus = False
+        torch._dynamo.mark_static_address(self.temperature)
+        torch._dynamo.mark_static_address(self.top_p)
         # decode attends to the longest live sequence rounded up to this: few distinct shapes (graphs)
         # for the compiled step; eager attends to exactly that length
         self.window = window or (256 if self.compiled else 1)
@@ -238,7 +312,15 @@ class Sampler:
         -> tokens, log-probs, entropies [n]."""
         if self.logits_processor is not None:
             logits = self.logits_processor(logits, row, t)
-        return sample_tokens(logits, u, self.temperature, self.top_p)
+        return sample_tokens(logits, u, 0.0 if self.greedy else self.temperature,
+                             self.top_p if self.nucleus else 1.0)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[n, H] -> [n, V] logits in fp32 (fp64 for an fp64 model), computed as the trainer's LM head
+        computes them (entropy.chunk_logits: the same inputs, accumulation and output dtype)."""
+        if getattr(self.head, "bias", None) is not None:
+            return self.head(h).to(self.acc)
+        return chunk_logits(h, self.head.weight, 1.0, h.dtype)
 
     def _decode_step(self, cur, pos, mask, u, t, row):
         """One token for every slot: input tokens cur [S] at positions pos [S] (= cache columns),
@@ -247,7 +329,7 @@ class Sampler:
         self.cache.cols, self.cache.window = pos, mask.shape[-1]
         h = self.model.model(input_ids=cur[:, None], attention_mask=mask, position_ids=pos[:, None],
                              cache=self.cache, use_cache=True).last_hidden_state[:, -1]   # [S, H]
-        return self._sample(self.head(h).to(self.acc), u, t, row)
+        return self._sample(self._logits(h), u, t, row)
 
     def _prefill(self, slot_ids: list[int], seqs: list[list[int]], src: list[int]) -> torch.Tensor:
         """Write prompt seqs[src[i]] into slot slot_ids[i]; the logits [len(slot_ids), V] of each
@@ -262,7 +344,7 @@ class Sampler:
         self.cache.fill, self.cache.src = torch.tensor(slot_ids, device=dev), torch.tensor(src, device=dev)
         h = self.model.model(input_ids=ids, attention_mask=self._attn_mask(allowed[:, None]),
                              position_ids=ar.expand(n, T), cache=self.cache, use_cache=True).last_hidden_state
-        logits = self.head(h[torch.arange(n, device=dev), lens - 1]).to(self.acc)              # [n, V]
+        logits = self._logits(h[torch.arange(n, device=dev), lens - 1])                       # [n, V]
         self.cache.fill = None
         return logits[self.cache.src]                                                        # [len(slot_ids), V]
 
@@ -274,6 +356,7 @@ class Sampler:
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             self.cache = SlotCache(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, length, head_dim,
                                    self.dtype, self.device)
+            self.allocations += 1
         return self.cache
 
     @torch.no_grad()
@@ -300,22 +383,28 @@ class Sampler:
                   top_p: float = 1.0, seed: int | None = None, row_seeds=None, logits_processor=None) -> Rollout:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        from torch._dynamo.utils import counters
+        graphs0, skips0 = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
         dev, G, N = self.device, group_size, max_new_tokens
         ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         seqs = [ids[b // G] for b in range(len(prompts) * G)]                # prompt tokens of row b
         B = len(seqs)
-        # compiled: always `slots` (idle ones write to the sink row), so a smaller call (a DAPO refill, the
-        # last eval chunk) reuses the cache and the captured graphs instead of allocating and capturing anew
-        S = B if self.slots <= 0 or (self.slots >= B and not self.compiled) else self.slots
+        # compiled or sized (max_len): always `slots` (idle ones write to the sink row), so a smaller call (a
+        # DAPO refill, the last eval chunk) reuses the cache and the captured graphs instead of allocating anew
+        fixed = self.compiled or self.max_len is not None
+        S = B if self.slots <= 0 or (self.slots >= B and not fixed) else self.slots
         refill = self.refill or max(1, S // 8)
         # one spare column: a window never spans the whole buffer, so the compiled step always sees
         # the same memory layout (a window equal to the buffer would be contiguous: a second graph)
-        cache = self._cache_for(S, _round_up(max(map(len, seqs)) + N, self.window) + 1)
+        need = max(max(map(len, seqs)) + N, self.max_len or 0)
+        cache = self._cache_for(S, _round_up(need, self.window) + 1)
         seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else seed
         keys = row_keys(seed, torch.as_tensor(row_seeds if row_seeds is not None else range(B), dtype=torch.long))
         # every uniform of the call at once, [B + 1, N] (row B: idle slots); a step gathers its [S]
         U = uniforms(torch.cat([keys, keys[:1]]).to(dev)[:, None], torch.arange(N, device=dev)[None, :])
-        self.temperature, self.top_p, self.logits_processor = temperature, top_p, logits_processor
+        self.greedy, self.nucleus, self.logits_processor = temperature <= 0, top_p < 1.0, logits_processor
+        self.temperature.fill_(temperature if temperature > 0 else 1.0)  # in place: the graphs read this memory
+        self.top_p.fill_(top_p)
 
         # Outputs by row; row B is a sink that idle slots write to, so every step has the same shapes.
         out_tok = torch.full((B + 1, N), self.pad_id, dtype=torch.long, device=dev)
@@ -330,15 +419,36 @@ class Sampler:
         live, offset, free, pending = [False] * S, [0] * S, list(range(S)), deque(range(B))
         n_live = n_fill = n_decode = 0
         t_fill = t_decode = 0.0
+        # End-of-row flags of the last `lag` decoding steps, copied to the host without waiting (pinned
+        # memory on CUDA); the host reads a step's flags once the next step is queued.
+        flags = deque()
+        pin = dev.type == "cuda"
 
         def record(r, tt, tok, lp, ent):  # store the drawn tokens of rows r [n] at positions tt [n]
             out_tok[r, tt], out_lp[r, tt], out_ent[r, tt] = tok, lp, ent
             return torch.isin(tok, self.eos) | (tt + 1 >= N)                 # [n] row ends here
 
+        def read_flags(k: int) -> None:  # the host takes note of the rows that ended, oldest step first
+            nonlocal n_live, max_off
+            for _ in range(k):
+                host, ready = flags.popleft()
+                if ready is not None:
+                    ready.synchronize()
+                ended = host.tolist()
+                if any(ended):
+                    for s in range(S):
+                        if ended[s] and live[s]:
+                            live[s], n_live = False, n_live - 1
+                            free.append(s)
+                    max_off = max(o for o, a in zip(offset, live) if a) if n_live else 0
+
+        max_off = 0
         while pending or n_live:
             k = min(len(pending), len(free))
             if k and (len(free) >= min(refill, len(pending)) or not n_live):   # (re)fill k slots
                 t0 = time.perf_counter()
+                read_flags(len(flags))  # a refilled slot must not be freed by flags of its previous row
+                k = min(len(pending), len(free))
                 sl, rows = free[:k], [pending.popleft() for _ in range(k)]
                 del free[:k]
                 s_, r = torch.tensor(sl, device=dev), torch.tensor(rows, device=dev)
@@ -367,22 +477,22 @@ class Sampler:
                 torch.compiler.cudagraph_mark_step_begin()
             tok, lp, ent = self.step(cur, pos, mask, U[row, t], t, row)
             done = record(row, t, tok, lp, ent)
-            ended = done.tolist()  # the one host sync of a step
             cur.copy_(tok)
             row.masked_fill_(done, B)
             idle = row == B
             pos.add_(1).masked_fill_(idle, 0)
             t.add_(1).masked_fill_(idle, 0)
             n_decode += 1
-            if any(ended):
-                for s in range(S):
-                    if ended[s] and live[s]:
-                        live[s], n_live = False, n_live - 1
-                        free.append(s)
-                max_off = max(o for o, a in zip(offset, live) if a) if n_live else 0
+            if pin:
+                host = torch.empty(S, dtype=torch.bool, pin_memory=True).copy_(done, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                host, ready = done, None
+            flags.append((host, ready))
+            read_flags(len(flags) - self.lag)
             t_decode += time.perf_counter() - t0
-        if not self.compiled:
-            self.release()  # only CUDA graphs need the cache to stay where it is
+        flags.clear()
 
         resp = out_tok[:B]
         mask, truncated = response_mask_from_ids(resp, self.eos.tolist())
@@ -396,7 +506,11 @@ class Sampler:
         self.stats = {"rows": B, "slots": S, "steps": steps, "prefills": n_fill, "decode_steps": n_decode,
                       "tokens": tokens, "efficiency": tokens / (steps * S), "prefill_s": t_fill,
                       "decode_s": t_decode, "tokens_per_s": tokens / max(t_fill + t_decode, 1e-9),
-                      "ms_per_step": 1000 * t_decode / max(n_decode, 1)}
+                      "ms_per_step": 1000 * t_decode / max(n_decode, 1),
+                      # torch's own counters: graphs compiled by this call (0 once warm) and CUDA graph
+                      # captures skipped (anything but 0: the compiled step runs without CUDA graphs)
+                      "recompiles": counters["stats"]["unique_graphs"] - graphs0,
+                      "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips0}
         return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=resp, response_mask=mask,
                        truncated=truncated, group=torch.arange(B, device=dev) // G,
                        texts=self.tokenizer.batch_decode(resp, skip_special_tokens=True),
@@ -482,6 +596,36 @@ def generate(model, tokenizer, prompts: list[str], *, group_size: int, max_new_t
                             top_p=top_p, seed=seed, row_seeds=row_seeds, logits_processor=logits_processor)
 
 
+class StepLogprobs(LogitsProcessor):
+    """An HF logits processor that scores tokens as `generate` draws them, one step kept at a time.
+
+    Called with each step's scores (after the caller's processors, before HF's temperature and top-p
+    warpers), it keeps that step's log-softmax(scores / T) [b, V] and its entropy [b]; at the next
+    step the last column of input_ids is the token drawn from it, whose log-prob it keeps; `finish`
+    scores the last step's token. HF's output_logits would hold every step instead: 128 rows x
+    3,072 steps x 151,936 x 4 bytes = 239 GB for one Qwen2.5 batch.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature, self.logp, self.lp, self.ent = temperature, None, [], []
+
+    def __call__(self, input_ids, scores):                     # [b, P + t], [b, V]
+        self._score(input_ids[:, -1])
+        self.logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.ent.append(-(self.logp.exp() * self.logp.clamp_min(torch.finfo(self.logp.dtype).min)).sum(-1))
+        return scores
+
+    def _score(self, drawn):
+        if self.logp is not None:
+            self.lp.append(self.logp.gather(-1, drawn[:, None]).squeeze(-1))
+            self.logp = None
+
+    def finish(self, last) -> tuple[torch.Tensor, torch.Tensor]:
+        """last [b]: the final step's tokens -> log-probs and entropies [b, steps]."""
+        self._score(last)
+        return torch.stack(self.lp, dim=1), torch.stack(self.ent, dim=1)
+
+
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[str], *, group_size: int, max_new_tokens: int,
                 temperature: float, top_p: float = 1.0, batch_size: int | None = None,
@@ -489,7 +633,8 @@ def generate_hf(model, tokenizer, prompts: list[str], *, group_size: int, max_ne
     """The same contract with HF `generate` (static batches of `batch_size`, global torch RNG).
 
     With `return_logprobs`, `sample_logprobs`/`sample_entropies` [B, R] hold those of the
-    temperature-scaled distribution. `logits_processor`: an HF LogitsProcessorList.
+    temperature-scaled distribution after `logits_processor` (an HF LogitsProcessorList), as the
+    slot sampler's; they are computed step by step (StepLogprobs), no [B, R, V] logits are kept.
     """
     device = next(model.parameters()).device
     rows = [p for p in prompts for _ in range(group_size)]
@@ -502,11 +647,15 @@ def generate_hf(model, tokenizer, prompts: list[str], *, group_size: int, max_ne
         enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}
         sample = temperature > 0
+        procs = LogitsProcessorList(logits_processor or [])
+        scorer = StepLogprobs(temperature if sample else 1.0)
+        if return_logprobs:  # last of the caller's processors; HF's warpers come after them (transformers 5)
+            procs.append(scorer)
         out = model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=sample,
             temperature=temperature if sample else None, top_p=top_p if sample else None, top_k=None,
-            eos_token_id=eos, pad_token_id=pad_id, use_cache=True, logits_processor=logits_processor,
-            return_dict_in_generate=True, output_logits=return_logprobs)
+            eos_token_id=eos, pad_token_id=pad_id, use_cache=True, logits_processor=procs,
+            return_dict_in_generate=True)
         P = enc["input_ids"].shape[1]
         resp = out.sequences[:, P:]                                               # [b, R]
         if resp.shape[1] == 0:  # max_new_tokens == 0
@@ -514,10 +663,10 @@ def generate_hf(model, tokenizer, prompts: list[str], *, group_size: int, max_ne
         mask, truncated = response_mask_from_ids(resp, eos)
         lp = ent = None
         if return_logprobs:
-            logits = torch.stack(out.logits, dim=1).float() / (temperature if sample else 1.0)  # [b, R, V]
-            logp = torch.log_softmax(logits, -1)
-            lp = logp.gather(-1, resp[..., None]).squeeze(-1) * mask
-            ent = -(logp.exp() * logp).sum(-1) * mask
+            lp, ent = scorer.finish(out.sequences[:, -1])                         # [b, R]
+            assert lp.shape == resp.shape, (lp.shape, resp.shape)
+            # after its EOS a row draws padding, which a caller's processor may have banned (-inf): zeros
+            lp, ent = lp.masked_fill(mask == 0, 0.0), ent.masked_fill(mask == 0, 0.0)
         parts.append(Rollout(
             prompt_ids=enc["input_ids"], prompt_mask=enc["attention_mask"],
             response_ids=resp.masked_fill(mask == 0, pad_id), response_mask=mask, truncated=truncated,

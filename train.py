@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+import warnings
 import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from config import Config, ConfigError, load_config, to_dict
 from data import DataError, ListStream, load_problems
 from dist import World, even_out
 from entropy import delimiter_table
-from eval import evaluate_run, load_benchmarks
+from eval import evaluate_run, load_benchmarks, longest_row
 from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss, tis_weights
 from metrics import Max, Sum
 from models import autocast, count_parameters, load_policy, model_source, resolve_device, rollout_dtype
@@ -49,7 +50,8 @@ from rollout import Rollout, batch_stats, concat, eos_ids, render_prompts, updat
 from runs import (CheckpointError, Interrupted, Logger, RunFolderError, StopAfterStep, dump_rollouts, further,
                   latest_checkpoint, launch_command, load_checkpoint, prepare_out_dir, rerun_hint, save_checkpoint,
                   seed_everything, summary)
-from sampler import Sampler, generate_hf, refresh_sampling_copy, row_seed, sampler_mismatch, sampling_copy
+from sampler import (Sampler, generate_hf, refresh_sampling_copy, resolve_compile, row_seed, sampler_mismatch,
+                     sampling_copy)
 
 RewardFn = Callable[[list[str], list[str]], list[float]]  # (responses, golds) -> rewards; 1.0 = verified correct
 
@@ -78,8 +80,7 @@ class NonFiniteError(RuntimeError):
 
 
 @contextmanager
-def timer(stats: dict, key: str):
-    """Adds the block's seconds to stats[key] (a Max over ranks: the slowest rank's time)."""
+def timer(stats: dict, key: str):  # adds the block's seconds to stats[key]: the slowest rank's over ranks
     t0 = time.perf_counter()
     yield
     stats[key] = Max(stats.get(key, 0.0) + time.perf_counter() - t0)
@@ -227,7 +228,9 @@ def rollout_stats(batch: Rollout) -> dict:
     s = batch.extras.get("sampler_stats")
     if not s:
         return {}
-    return {"rollout/tokens": Sum(s["tokens"]), "rollout/slot_steps": Sum(s["tokens"] / max(s["efficiency"], 1e-9))}
+    return {"rollout/tokens": Sum(s["tokens"]), "rollout/slot_steps": Sum(s["tokens"] / max(s["efficiency"], 1e-9)),
+            # torch's counters: graphs compiled and CUDA graph captures skipped while sampling (0 once warm)
+            "sampler/recompiles": Sum(s["recompiles"]), "sampler/cudagraph_skips": Sum(s["cudagraph_skips"])}
 
 
 def group_stats(correct: torch.Tensor, rewards: torch.Tensor, G: int) -> dict:
@@ -415,14 +418,12 @@ def probing(run: Run, batch: Rollout) -> bool:
 
 def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | None = None,
           world: World | None = None) -> Run:
-    """Model, tokenizer, optimizer, scheduler, reference model, problem stream and reward function.
+    """Model, tokenizer, optimizer, scheduler, reference model, problem stream, reward function, sampler.
 
-    `checkpoint`: a checkpoint folder to continue from (weights, optimizer, scheduler, stream and RNG
-    state). `reward_fn(responses, golds) -> rewards` replaces the verifier (default: reward.score_batch
-    with cfg.reward's settings). Under torchrun (`world`, default: dist.init) the policy is sharded
-    with FSDP2 and rollouts sample from a full copy of it (dist.py). Global RNGs are seeded after
-    every model is built or loaded, so the run does not depend on whether the tiny warm start had to
-    be built first."""
+    `checkpoint`: a checkpoint folder to continue from. `reward_fn(responses, golds) -> rewards` replaces
+    the verifier. Under torchrun (`world`, default: dist.init) the policy is sharded with FSDP2 and
+    rollouts sample from a full copy of it (dist.py). Global RNGs are seeded after every model is
+    built, so the run does not depend on whether the tiny warm start had to be built first."""
     world = world or dist.init(cfg)
     if cfg.log.probe_every and world.launched:
         raise ConfigError("log.probe_every: EchoRL's probes compare gradients on one process's full model; "
@@ -431,6 +432,7 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device, world)
     stream = train_stream(cfg)
+    questions = [p.question for p in stream.problems] if isinstance(stream, ListStream) else None
     if world.launched:
         stream = dist.RankShare(stream, world)
     base = world.on_main(model_source, cfg)  # rank 0 builds the tiny warm start (or checks the hub) once
@@ -442,21 +444,26 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
     if cfg.algo.kl_coef > 0:
         ref_model = load_policy(base, cfg, device)[0].requires_grad_(False).eval()
     weights = sampling_copy(model, sampling, always=world.launched) if copy_bytes else None
+    if cfg.train.old_logprobs == "sampler" and sampling.itemsize < 4:
+        warnings.warn(f"train.old_logprobs: sampler with {sampling} sampling weights makes algo.tis_cap a no-op and the "
+                      f"ratio carries the {sampling} mismatch; 'auto' recomputes them in the policy's precision")
     if world.launched:
         compute = getattr(torch, cfg.model.autocast) if cfg.model.autocast != "none" else None
         model = dist.shard(model, compute)
         if ref_model is not None:
             ref_model = dist.shard(ref_model, compute)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                            betas=tuple(cfg.train.betas))
+                            betas=tuple(cfg.train.betas), fused=True if device.type == "cuda" else None)
     sched = make_scheduler(opt, cfg)
     seed_everything(cfg.train.seed + world.rank)
     if reward_fn is None:
         reward_fn = partial(reward.score_batch, workers=cfg.reward.workers, format_reward=cfg.reward.format_reward)
     sampler = None
     if cfg.rollout.engine == "slots":
-        sampler = Sampler(weights or model, tok, slots=cfg.rollout.slots,
-                          compile={"auto": "auto", "on": True, "off": False}[cfg.rollout.compile])
+        # the build tools torch.compile needs, checked now rather than at the first decoding step
+        compiled = resolve_compile({"auto": "auto", "on": True, "off": False}[cfg.rollout.compile], device)
+        sampler = Sampler(weights or model, tok, slots=cfg.rollout.slots, compile=compiled,
+                          max_len=longest_row(cfg, tok, questions))
     run = Run(cfg=cfg, model=model, tok=tok, opt=opt, sched=sched, stream=stream, reward_fn=reward_fn,
               ref_model=ref_model, delims=delimiter_table(tok, cfg.echo.delimiter), eos=eos_ids(tok, model),
               sampling_weights=weights, sampler=sampler, world=world)
@@ -500,6 +507,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, allow_c
     try:
         ckpt = world.on_main(prepare_out_dir, cfg, resume, overwrite, allow_changes)  # rank 0 decides for all
         out = Path(cfg.train.out_dir)
+        dist.check_shared_folder(out, world)  # every rank writes its checkpoint shards there
         heldout = load_benchmarks(cfg)  # data errors surface before the model is loaded
         run = setup(cfg, checkpoint=ckpt, reward_fn=reward_fn, world=world)
         if world.main:

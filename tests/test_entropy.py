@@ -57,6 +57,44 @@ def test_chunked_gradients_wrt_hidden_and_lm_head_equal_the_naive_ones(chunk_siz
     assert torch.allclose(w1.grad, w2.grad, atol=1e-5)
 
 
+def test_under_bf16_autocast_the_chunk_gradient_is_autograds_of_the_same_bf16_logits():
+    """One precision policy for the forward and the custom backward: under autocast both take the LM
+    head's logits from bf16 inputs, so the gradient is autograd's through `h @ W.T` under the same
+    autocast. Bound: two bf16 roundings (2 x 2^-8) of the largest entry (per-chunk bf16 products of
+    the head's gradient, summed in fp32). Logits of scale ~4: recomputing them in fp32 in the backward
+    moves the softmax by a few percent, several times the bound (checked below)."""
+    g = torch.Generator().manual_seed(3)
+    N, H, V, T = 24, 64, 300, 0.7
+    hidden, weight = torch.randn(1, N, H, generator=g), 0.5 * torch.randn(V, H, generator=g)
+    targets = torch.randint(0, V, (1, N), generator=g)
+    c_lp, c_ent = torch.randn(1, N, generator=g), torch.randn(1, N, generator=g)
+
+    def grads(fn):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        lp, ent = fn(h, w)
+        ((lp * c_lp).sum() + (ent * c_ent).sum()).backward()
+        return lp.detach(), h.grad, w.grad
+
+    def chunked(h, w, autocast=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return token_logprobs_entropy(h, w, targets, temperature=T, chunk_size=7)
+
+    def reference(h, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = h @ w.T                                                     # [1, N, V] bf16
+        logp = torch.log_softmax(logits.float() / T, dim=-1)
+        return logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())
+    bound = 2 * 2 ** -8
+    lp, gh, gw = grads(chunked)
+    ref_lp, ref_gh, ref_gw = grads(reference)
+    assert torch.allclose(lp, ref_lp, atol=1e-6)  # the same bf16 logits, the same fp32 log-softmax
+    assert rel(gh, ref_gh) < bound and rel(gw, ref_gw) < bound, (rel(gh, ref_gh), rel(gw, ref_gw))
+    _, gh32, gw32 = grads(lambda h, w: chunked(h, w, autocast=False))  # fp32 logits: another function
+    assert rel(gh32, ref_gh) > 2 * bound and rel(gw32, ref_gw) > 2 * bound
+
+
 def test_uniform_distribution_has_entropy_log_v_and_logprob_minus_log_v():
     # a zero LM head gives equal logits over V = 7 tokens: H = log 7 = 1.94591, log p = -1.94591
     V = 7

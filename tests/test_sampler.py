@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tiny
+from config import ConfigError
 from entropy import response_logprobs
 from rollout import eos_ids, render_prompts
 from sampler import (M32, Sampler, _mul32, generate, generate_hf, refresh_sampling_copy, row_keys, sample_tokens,
@@ -307,3 +308,124 @@ def test_refreshed_sampling_copy_equals_the_policy_cast_after_an_update(tok_mode
     assert same() and [p.data_ptr() for p in twin.parameters()] == ptrs  # in place: graphs stay valid
     r = Sampler(twin, tok).generate(render_prompts(QUESTIONS[:2], tok), max_new_tokens=3, temperature=0)
     assert r.response_ids.shape[0] == 2
+
+
+# ----------------------------------------------------------------------------------------
+# The GPU path, as far as a CPU shows it
+
+
+def test_generate_hf_with_logprobs_never_holds_the_logits_of_every_step(tok_model):
+    """Log-probs and entropies are taken as each token is drawn: no tensor the size of [rows, steps, V]
+    (HF's output_logits stacked: 239 GB for a Qwen2.5 batch of 128 x 3,072) is ever built. Every
+    tensor an op returns during the call is measured; 64 steps from prompts of at most 12 tokens, so a
+    [rows, V] step or even a [rows, P, V] prefill stays below a quarter of [rows, steps, V]."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in torch.utils._pytree.tree_leaves(out):
+                if torch.is_tensor(x):
+                    Largest.numel = max(Largest.numel, x.numel())
+            return out
+    tok, model = tok_model
+    prompts = render_prompts(["Ann has 3 pens.", "Kim has 1 shells."], tok, "plain")
+    steps, V = 64, model.config.vocab_size
+    eos = torch.tensor(eos_ids(tok, model))
+    no_eos = [lambda ids, scores: scores.index_fill(-1, eos, float("-inf"))]    # every row runs all 64 steps
+    torch.manual_seed(0)
+    with Largest():
+        r = generate_hf(model, tok, prompts, group_size=2, max_new_tokens=steps, temperature=1.0,
+                        return_logprobs=True, logits_processor=no_eos)
+    assert r.response_ids.shape == (4, steps) and r.prompt_ids.shape[1] <= 12
+    assert 0 < Largest.numel < 4 * steps * V / 4, (Largest.numel, 4 * steps * V)
+    # and they are the numbers: the drawn tokens under the processed distribution (EOS banned), from a
+    # teacher-forced pass of the whole sequences
+    P = r.prompt_ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=r.position_ids).logits
+    logp = torch.log_softmax(logits[:, P - 1:-1].index_fill(-1, eos, float("-inf")), dim=-1)   # [4, steps, V]
+    assert torch.allclose(r.sample_logprobs, logp.gather(-1, r.response_ids[..., None]).squeeze(-1), atol=1e-5)
+    ent = -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
+    assert torch.allclose(r.sample_entropies, ent, atol=1e-5)
+
+
+def test_compiled_sampler_follows_a_temperature_change_without_recompiling(tok_model):
+    """Temperature lives in a device tensor the compiled step reads (a float would be baked into the
+    graph, or lifted to an input a CUDA graph replays): compiled (Inductor on CPU) and eager samplers
+    draw the same tokens with the same log-probs at T = 1, then 0.6, then 1 again, and once the
+    first call has compiled, a temperature change compiles nothing."""
+    tok, model = tok_model
+    prompts = render_prompts(QUESTIONS[:3], tok)
+    compiled = Sampler(model, tok, slots=4, compile=True)
+    eager = Sampler(model, tok, slots=4, compile=False)
+    assert compiled.compiled and not eager.compiled
+    for i, T in enumerate((1.0, 0.6, 1.0)):
+        rc = compiled.generate(prompts, group_size=2, max_new_tokens=12, temperature=T, seed=3)
+        re_ = eager.generate(prompts, group_size=2, max_new_tokens=12, temperature=T, seed=3)
+        assert torch.equal(rc.response_ids, re_.response_ids), T
+        assert torch.allclose(rc.sample_logprobs, re_.sample_logprobs, atol=1e-5), T
+        with torch.no_grad():  # the distribution at this call's temperature, scored apart from both samplers
+            lp, _ = response_logprobs(model, rc, temperature=T)
+        assert torch.allclose(rc.sample_logprobs, lp, atol=1e-5), T
+        if i > 0:
+            assert compiled.stats["recompiles"] == 0 and compiled.stats["cudagraph_skips"] == 0, (T, compiled.stats)
+
+
+@pytest.mark.parametrize("slots", [1, 3, 0])
+def test_reading_end_flags_a_step_late_draws_the_same_rows(tok_model, slots):
+    """lag=1 (the CUDA default: the host reads a step's end flags after queuing the next step) changes
+    when slots are refilled, never what a row draws: per-row streams make tokens, log-probs and
+    lengths identical to lag=0; each ended row costs its slot at most one idle step more."""
+    tok, model = tok_model
+    lengths = [3, 9, 1, 5, 7, 2]
+    hook = force_lengths(lengths, eos_ids(tok, model))
+    prompts = render_prompts(QUESTIONS[:3], tok)
+    out = {}
+    for lag in (0, 1):
+        s = Sampler(model, tok, slots=slots, lag=lag)
+        r = s.generate(prompts, group_size=2, max_new_tokens=12, temperature=1.0, seed=4, logits_processor=hook)
+        out[lag] = (r, s.stats)
+    (r0, s0), (r1, s1) = out[0], out[1]
+    assert r1.response_lengths.long().tolist() == lengths
+    assert torch.equal(r0.response_ids, r1.response_ids) and torch.equal(r0.sample_logprobs, r1.sample_logprobs)
+    assert s0["tokens"] == s1["tokens"] == 27
+    assert s0["decode_steps"] <= s1["decode_steps"] <= s0["decode_steps"] + len(lengths)
+
+
+def test_kv_cache_sized_at_construction_is_allocated_once_across_calls(tok_model):
+    """max_len (the longest prompt plus max_new_tokens, which train.setup reads from the data) sizes
+    the cache once: training-like and evaluation-like calls with other prompts, lengths and
+    temperatures reuse it; a call that needs more columns grows it (one more allocation)."""
+    tok, model = tok_model
+    prompts = render_prompts(QUESTIONS, tok)
+    longest = max(len(x) for x in tok(prompts, add_special_tokens=False)["input_ids"])
+    s = Sampler(model, tok, slots=3, max_len=longest + 20)
+    calls = [(QUESTIONS[:2], 20, 1.0), (QUESTIONS, 12, 0.6), (QUESTIONS[2:], 20, 0.0), (QUESTIONS[:1], 5, 1.0)]
+    for qs, n, T in calls:
+        s.generate(render_prompts(qs, tok), group_size=2, max_new_tokens=n, temperature=T, seed=0)
+        assert s.allocations == 1 and s.cache.k[0].shape[2] > longest + 20
+    s.generate(prompts, group_size=2, max_new_tokens=40, temperature=1.0, seed=0)
+    assert s.allocations == 2
+
+
+def test_compile_without_build_tools_falls_back_or_stops_with_the_reason(monkeypatch, capsys, tmp_path):
+    """No compiler on PATH, or no Python.h: "auto" on CUDA samples eager with one line naming what is
+    missing; compile=True stops before any work with the same reason."""
+    import sampler
+    monkeypatch.setenv("PATH", str(tmp_path))        # an empty folder: no gcc, clang, g++
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    assert "C compiler" in sampler.compile_toolchain_missing("cuda")
+    assert "C++ compiler" in sampler.compile_toolchain_missing("cpu")
+    assert sampler.resolve_compile("auto", torch.device("cuda")) is False
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "C compiler" in line and "eager" in line
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        sampler.resolve_compile(True, torch.device("cpu"))
+    assert sampler.resolve_compile("auto", torch.device("cpu")) is False  # auto never compiles on CPU
+    monkeypatch.undo()
+    monkeypatch.setattr(sampler.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    assert "Python headers" in sampler.compile_toolchain_missing("cuda")
