@@ -57,7 +57,7 @@ def test_out_dir_that_not_every_rank_sees_stops_at_start_naming_the_ranks(tmp_pa
 
 
 def test_old_logprobs_forced_from_a_bf16_sampler_warn_that_tis_has_nothing_to_correct(model_dir, tmp_path):
-    with pytest.warns(UserWarning, match="tis_cap has nothing to correct"):
+    with pytest.warns(UserWarning, match="algo.tis_cap a no-op"):
         train.setup(small_cfg(model_dir, tmp_path, "rollout.dtype=bfloat16", "train.old_logprobs=sampler",
                               "algo.tis_cap=2.0"))
 
