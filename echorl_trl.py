@@ -58,11 +58,13 @@ def verifier_reward(completions: list, answer: list, log_metric=None, **kwargs) 
     """reward.score_batch as a TRL reward function: 1.0 for a verified answer, else 0.0.
 
     `answer` is the dataset's gold-answer column. The verifier never evaluates model text and bounds
-    its time per answer (README pitfall 7). Bound hits of this call go to TRL's metrics as
-    verifier/bound_hits, verifier/bound_time, _size, _depth (TRL averages them over processes).
+    its time per answer (README pitfall 7). It runs in the calling process, as our loop's default
+    (reward.workers 1): a pool would spawn workers that re-import the user's training script. Bound hits
+    of this call go to TRL's metrics as verifier/bound_hits, verifier/bound_time, _size, _depth (TRL
+    averages them over processes).
     """
     before = reward.bound_hits()
-    scores = reward.score_batch(completion_texts(completions), [str(a) for a in answer])
+    scores = reward.score_batch(completion_texts(completions), [str(a) for a in answer], workers=1)
     if log_metric is not None:
         for key, n in reward.bound_hits().items():
             log_metric(f"verifier/{key}", float(n - before[key]))

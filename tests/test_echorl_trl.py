@@ -75,21 +75,25 @@ def left_padded(tok):
 
 @pytest.fixture(scope="module")
 def dataset(tok):
+    return make_dataset(tok)
+
+
+def make_dataset(tok) -> Dataset:
     prompts = render_prompts([question(*p) for p in PROBLEMS], tok, "chat")
     return Dataset.from_list([{"prompt": q, "answer": str(a + b - c)} for q, (a, b, c) in zip(prompts, PROBLEMS)])
 
 
 def fixed_rollouts(dataset, tok):
-    """A TRL rollout_func that returns the fixed completions: the k-th time a prompt appears in a call it
-    gets its k-th completion (EOS appended, as TRL's generation returns them)."""
+    """A TRL rollout_func that returns the fixed completions (EOS appended, as TRL's generation returns them).
+    TRL's rows are process-major and a group is G consecutive rows, so a row's place in its group is its
+    index over every process's rows mod G, whatever the number of processes."""
     index = {row["prompt"]: i for i, row in enumerate(dataset)}
 
     def rollout_func(prompts, trainer):
-        seen = {}
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": []}
-        for p in prompts:
-            k = seen[p] = seen.get(p, -1) + 1
-            ids = tok(completions_of(index[p])[k % G], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        first = trainer.accelerator.process_index * len(prompts)
+        for row, p in enumerate(prompts, start=first):
+            ids = tok(completions_of(index[p])[row % G], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             out["prompt_ids"].append(tok(p, add_special_tokens=False)["input_ids"])
             out["completion_ids"].append(ids)
             out["logprobs"].append([0.0] * len(ids))
@@ -249,39 +253,66 @@ def test_trl_policy_loss_is_bit_equal_with_the_subclass(model_dir, tok, dataset,
     assert all(torch.equal(out[0][1][n], out[1][1][n]) for n in out[0][1])
 
 
+# Every correct row of the all-correct groups gives a clip (8 of 12 rows), so every micro-batch and every
+# process holds clips, and a normaliser that counted them per micro-batch or per process would show.
+ECHO_ALL = dict(coef=1.0, clips_per_group="all")
+
+
+def one_sgd_step(model_dir, tok, dataset, out, echo, **args):
+    """One optimizer step of plain SGD at lr 1 (the update is minus the gradient), no clipping: the
+    parameter update and the step's logged metrics."""
+    trainer = make_trainer(model_dir, tok, dataset, out, echo=echo, optim="sgd", learning_rate=1.0,
+                           lr_scheduler_type="constant", max_grad_norm=0.0, max_steps=1, weight_decay=0.0, **args)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    return {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}, trainer.state.log_history[0]
+
+
+def assert_same_update(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name, u in a.items():
+        torch.testing.assert_close(b[name], u, atol=1e-6, rtol=1e-5, msg=name)
+    assert sum(float(u.abs().sum()) for u in a.values()) > 1.0
+
+
 @pytest.mark.parametrize("normalizer", ["clip_tokens", "policy"])
 def test_gradient_accumulation_1_or_2_gives_the_same_update(model_dir, tok, dataset, tmp_path, normalizer):
-    """One optimizer step (plain SGD, lr 1: the update is minus the gradient) over the same 12 rows, as one
-    micro-batch of 12 or two of 6 (TRL shuffles the rows before splitting them)."""
-    echo = EchoConfig(coef=1.0, normalizer=normalizer)
-    common = dict(optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, max_steps=1,
-                  weight_decay=0.0)
-    updates, logs = [], []
-    for ga in (1, 2):
-        trainer = make_trainer(model_dir, tok, dataset, tmp_path / f"ga{ga}", echo=echo, gradient_accumulation_steps=ga,
-                               per_device_train_batch_size=len(PROBLEMS) * G // ga, **common)
-        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-        trainer.train()
-        updates.append({n: p.detach() - before[n] for n, p in trainer.model.named_parameters()})
-        logs.append(trainer.state.log_history[0])
-    assert logs[0]["echo/clips"] == logs[1]["echo/clips"] == 2
-    assert logs[0]["echo/loss"] == pytest.approx(logs[1]["echo/loss"], rel=1e-5)
-    for name, u in updates[0].items():
-        torch.testing.assert_close(updates[1][name], u, atol=1e-6, rtol=1e-5, msg=name)
-    assert sum(float(u.abs().sum()) for u in updates[0].values()) > 1.0
+    """The same 12 rows as one micro-batch of 12 or two of 6 (TRL shuffles the rows before splitting them)."""
+    echo = EchoConfig(**ECHO_ALL, normalizer=normalizer)
+    (u1, log1), (u2, log2) = (one_sgd_step(model_dir, tok, dataset, tmp_path / f"ga{ga}", echo,
+                                           gradient_accumulation_steps=ga, per_device_train_batch_size=12 // ga)
+                              for ga in (1, 2))
+    assert log1["echo/clips"] == log2["echo/clips"] == 8
+    assert log1["echo/loss"] == pytest.approx(log2["echo/loss"], rel=1e-5)
+    assert_same_update(u1, u2)
+
+
+def test_two_processes_give_the_same_update_as_one(model_dir, tok, dataset, tmp_path):
+    """torchrun, 2 processes over gloo, 6 rows each (group 1 straddles them), against one process with 12."""
+    one, log1 = one_sgd_step(model_dir, tok, dataset, tmp_path / "one", EchoConfig(**ECHO_ALL))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "_trl_dist_worker.py"), str(model_dir), str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two, log2 = torch.load(tmp_path / "two" / "update.pt")
+    assert log1["echo/clips"] == log2["echo/clips"] == 8
+    assert log1["echo/loss"] == pytest.approx(log2["echo/loss"], rel=1e-5)
+    assert_same_update(one, two)
 
 
 def test_a_five_step_run_on_the_tiny_task_selects_clips_and_logs_echo_metrics(tmp_path):
-    """Real generation on a small warm start of the tiny task (one-operation problems), verifier_reward."""
-    cfg = tiny.TinyConfig(min_ops=1, max_ops=1, max_value=9, max_operand=4, hidden_size=32, num_hidden_layers=2,
-                          intermediate_size=64, sft_steps=150, sft_batch_size=16, sft_problems=2000, sft_habit=0.0,
+    """Real generation on a small warm start of the tiny task (one operation on numbers up to 4: about half
+    its answers are right, so some groups of 4 are all correct), scored by verifier_reward."""
+    cfg = tiny.TinyConfig(min_ops=1, max_ops=1, max_value=4, max_operand=2, hidden_size=32, num_hidden_layers=2,
+                          intermediate_size=64, sft_steps=300, sft_batch_size=16, sft_problems=2000, sft_habit=0.0,
                           cache_dir=str(tmp_path / "cache"))
     path = tiny.warm_start(cfg)
     tok = left_padded(load_tokenizer(path))
     problems = tiny.make_split(cfg, 20, "train")
     prompts = render_prompts([p.question for p in problems], tok, "chat")
     ds = Dataset.from_list([{"prompt": q, "answer": p.answer} for q, p in zip(prompts, problems)])
-    args = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=16, num_generations=4,
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=32, num_generations=4,
                       max_completion_length=16, max_steps=5, learning_rate=1e-4, report_to=[], use_cpu=True, bf16=False,
                       save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True)
     trainer = EchoGRPOTrainer(model=str(path), reward_funcs=[verifier_reward], args=args, train_dataset=ds,
