@@ -78,16 +78,19 @@ def dataset(tok):
     return make_dataset(tok)
 
 
-def make_dataset(tok) -> Dataset:
-    prompts = render_prompts([question(*p) for p in PROBLEMS], tok, "chat")
-    return Dataset.from_list([{"prompt": q, "answer": str(a + b - c)} for q, (a, b, c) in zip(prompts, PROBLEMS)])
+def make_dataset(tok, order=(0, 1, 2)) -> Dataset:
+    """The prompts of PROBLEMS in `order`, with their gold answers (and problem index)."""
+    problems = [PROBLEMS[i] for i in order]
+    prompts = render_prompts([question(*p) for p in problems], tok, "chat")
+    return Dataset.from_list([{"prompt": q, "answer": str(a + b - c), "problem": i}
+                              for q, (a, b, c), i in zip(prompts, problems, order)])
 
 
 def fixed_rollouts(dataset, tok):
     """A TRL rollout_func that returns the fixed completions (EOS appended, as TRL's generation returns them).
     TRL's rows are process-major and a group is G consecutive rows, so a row's place in its group is its
     index over every process's rows mod G, whatever the number of processes."""
-    index = {row["prompt"]: i for i, row in enumerate(dataset)}
+    index = {row["prompt"]: row["problem"] for row in dataset}
 
     def rollout_func(prompts, trainer):
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": []}
@@ -287,16 +290,24 @@ def test_gradient_accumulation_1_or_2_gives_the_same_update(model_dir, tok, data
     assert_same_update(u1, u2)
 
 
-def test_two_processes_give_the_same_update_as_one(model_dir, tok, dataset, tmp_path):
-    """torchrun, 2 processes over gloo, 6 rows each (group 1 straddles them), against one process with 12."""
-    one, log1 = one_sgd_step(model_dir, tok, dataset, tmp_path / "one", EchoConfig(**ECHO_ALL))
+# Two processes hold 6 rows each. In this prompt order (not shuffled) the all-correct group of problem 2
+# sits in rows 4-7, split 2 + 2 over the processes: a selection on each process's rows alone would take
+# one clip from each half of it, 3 clips in all instead of 2.
+STRADDLE = dict(order=(0, 2, 1), echo=dict(coef=1.0), shuffle_dataset=False)
+
+
+def test_two_processes_give_the_same_update_as_one(model_dir, tok, tmp_path):
+    """torchrun, 2 processes over gloo, 6 rows each, against one process with the 12 rows."""
+    dataset = make_dataset(tok, STRADDLE["order"])
+    one, log1 = one_sgd_step(model_dir, tok, dataset, tmp_path / "one", EchoConfig(**STRADDLE["echo"]),
+                             shuffle_dataset=STRADDLE["shuffle_dataset"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "_trl_dist_worker.py"), str(model_dir), str(tmp_path / "two")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     two, log2 = torch.load(tmp_path / "two" / "update.pt")
-    assert log1["echo/clips"] == log2["echo/clips"] == 8
+    assert log1["echo/clips"] == log2["echo/clips"] == 2
     assert log1["echo/loss"] == pytest.approx(log2["echo/loss"], rel=1e-5)
     assert_same_update(one, two)
 
@@ -324,4 +335,5 @@ def test_a_five_step_run_on_the_tiny_task_selects_clips_and_logs_echo_metrics(tm
         assert all(key in h for h in logs), key
     assert sum(h["echo/clips"] for h in logs) > 0
     with_clips = [h for h in logs if h["echo/clips"] > 0]
-    assert all(h["echo/peak_step_entropy"] >= 0 and h["echo/loss"] > 0 for h in with_clips)
+    # A clip ends at its rollout's highest-entropy step; L_echo is an NLL, so positive.
+    assert all(h["echo/peak_step_entropy"] >= h["echo/mean_step_entropy"] and h["echo/loss"] > 0 for h in with_clips)
