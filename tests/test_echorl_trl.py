@@ -28,7 +28,12 @@ from losses import Norm
 from rollout import Rollout, load_tokenizer, render_prompts
 
 # Our loop's echo term: the reference the plug-in must equal (the one place to change if it moves).
-from train import echo_term as reference_echo_term
+from echorl import echo_term
+
+
+def reference_echo_term(logp, batch, norm, n_clip, cfg):
+    return echo_term(logp, batch.clip_mask, cfg.echo, n_clip, cfg.algo.aggregation, norm)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 G = 4            # completions per prompt
