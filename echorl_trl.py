@@ -86,7 +86,8 @@ class EchoGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.echo = echo if echo is not None else EchoConfig()
         if self.echo.enabled and echo_reward not in self.reward_func_names:
-            raise ValueError(f"echo_reward {echo_reward!r} is not one of the reward functions: {self.reward_func_names}")
+            raise ValueError(f"echo_reward {echo_reward!r} is not one of the reward functions: "
+                             f"{self.reward_func_names}")
         if self.echo.normalizer == "policy" and self.loss_type not in POLICY_NORMALISED:
             raise ValueError(f"echo.normalizer 'policy' has no rule for loss_type {self.loss_type!r}; "
                              f"allowed: {POLICY_NORMALISED}, or echo.normalizer 'clip_tokens'")
@@ -164,7 +165,8 @@ class EchoGRPOTrainer(GRPOTrainer):
         correct = rewards[:, self.echo_reward_index] >= CORRECT                      # NaN (unscored): not correct
         group = torch.arange(N, device=ids.device) // G
         sids = step_ids(ids, mask_all, self.echo_delims, self.eos_token_ids, self.echo.min_step_tokens)
-        clip, stats = select_clips(correct, group, mask_all.float(), ent, sids, self.echo, generator=self.echo_generator)
+        clip, stats = select_clips(correct, group, mask_all.float(), ent, sids, self.echo,
+                                   generator=self.echo_generator)
         total = (rewards * self.reward_weights.to(rewards.device)).nansum(dim=1)     # TRL's summed reward
         c = correct.view(-1, G)
         stats = {("echo/clips" if k == "echo/n_clips" else k): v for k, v in stats.items()}
@@ -215,7 +217,7 @@ class EchoGRPOTrainer(GRPOTrainer):
         if self.loss_type in ("grpo", "sapo"):
             return (v.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / ga
         if self.loss_type == "bnpo":
-            policy = inputs["completion_mask"] if "tool_mask" not in inputs else inputs["completion_mask"] * inputs["tool_mask"]
+            policy = inputs["completion_mask"] * inputs.get("tool_mask", 1)         # TRL's policy tokens
             return v.sum() / policy.sum().clamp(min=1.0) / ga
         if self.loss_type == "dr_grpo":
             return v.sum() / (v.size(0) * self.max_completion_length) / ga

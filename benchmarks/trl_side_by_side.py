@@ -29,11 +29,18 @@ from eval import evaluate  # noqa: E402
 from rollout import eos_ids, load_tokenizer, render_prompts  # noqa: E402
 
 
-def held_out(model, tok, problems, cfg) -> float:
+def held_out(model, tok, problems, cfg) -> tuple[float, list[list[bool]]]:
+    """avg@4 at temperature 1, and each sample's verdict (every model draws from the same random streams)."""
     model.eval()
     res = evaluate(model, tok, problems, n=4, temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens,
                    template=cfg.data.template, seed=0, ks=(4,), progress=False)
-    return res["avg@n"]
+    return res["avg@n"], [r["correct"] for r in res["records"]]
+
+
+def distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """||a - b|| over all parameters (L2)."""
+    pb = dict(b.named_parameters())
+    return float(sum(((p.detach() - pb[n].detach()) ** 2).sum() for n, p in a.named_parameters()) ** 0.5)
 
 
 def run_ours(cfg) -> tuple[torch.nn.Module, float, dict]:
@@ -98,18 +105,22 @@ def main(argv=None):
           f"{cfg.train.mini_batches} optimizer steps each, GRPO + EchoRL (coef {cfg.echo.coef})")
 
     from transformers import AutoModelForCausalLM
-    start = held_out(AutoModelForCausalLM.from_pretrained(warm, dtype=torch.float32), tok, problems, cfg)
+    base = AutoModelForCausalLM.from_pretrained(warm, dtype=torch.float32)
+    start, _ = held_out(base, tok, problems, cfg)
     ours, ours_s, ours_last = run_ours(cfg)
-    ours_acc = held_out(ours, tok, problems, cfg)
+    ours_acc, ours_rec = held_out(ours, tok, problems, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         trl_model, trl_s, trl_last = run_trl(cfg, warm, Path(tmp))
-    trl_acc = held_out(trl_model, tok, problems, cfg)
+    trl_acc, trl_rec = held_out(trl_model, tok, problems, cfg)
 
-    print(table(["", "held-out avg@4", "s/step", "clips (last step)"], [
-        ["warm start", start, "", ""],
-        ["train.py", ours_acc, ours_s, ours_last.get("echo/n_clips", 0.0)],
-        ["EchoGRPOTrainer", trl_acc, trl_s, trl_last.get("echo/clips", 0.0)],
+    print(table(["", "held-out avg@4", "s/step", "clips (last step)", "||theta - warm start||"], [
+        ["warm start", start, "", "", ""],
+        ["train.py", ours_acc, ours_s, ours_last.get("echo/n_clips", 0.0), distance(ours, base)],
+        ["EchoGRPOTrainer", trl_acc, trl_s, trl_last.get("echo/clips", 0.0), distance(trl_model, base)],
     ]))
+    differ = sum(x != y for a, b in zip(ours_rec, trl_rec) for x, y in zip(a, b))
+    print(f"||theta_train.py - theta_TRL|| = {distance(ours, trl_model):.4g}; held-out samples scored differently "
+          f"by the two: {differ} of {4 * len(problems)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc_per_node 2 tests/_trl_dist_worker.py MODEL_DIR OUT
 
-Each process holds 6 of the 12 rows (test_echorl_trl.STRADDLE); rank 0 saves (parameter update, the step's logged metrics) to OUT/update.pt.
+Each process holds 6 of the 12 rows (test_echorl_trl.STRADDLE); rank 0 saves (parameter update, the
+step's logged metrics) to OUT/update.pt.
 """
 import sys
 from pathlib import Path
