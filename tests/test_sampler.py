@@ -377,8 +377,8 @@ def test_compiled_sampler_follows_a_temperature_change_without_recompiling(tok_m
 @pytest.mark.parametrize("slots", [1, 3, 0])
 def test_reading_end_flags_a_step_late_draws_the_same_rows(tok_model, slots):
     """lag=1 (the CUDA default: the host reads a step's end flags after queuing the next step) changes
-    when slots are refilled, never what a row draws: per-row streams make tokens, log-probs and
-    lengths identical to lag=0; each ended row costs its slot at most one idle step more."""
+    when slots are refilled, never what a row draws: per-row streams make tokens and lengths identical
+    to lag=0; each ended row costs its slot at most one idle step more."""
     tok, model = tok_model
     lengths = [3, 9, 1, 5, 7, 2]
     hook = force_lengths(lengths, eos_ids(tok, model))
@@ -390,7 +390,10 @@ def test_reading_end_flags_a_step_late_draws_the_same_rows(tok_model, slots):
         out[lag] = (r, s.stats)
     (r0, s0), (r1, s1) = out[0], out[1]
     assert r1.response_lengths.long().tolist() == lengths
-    assert torch.equal(r0.response_ids, r1.response_ids) and torch.equal(r0.sample_logprobs, r1.sample_logprobs)
+    # tokens identical; log-probs to fp32 rounding (eager attention spans the longest live row, so the
+    # two schedules multiply matrices of other widths)
+    assert torch.equal(r0.response_ids, r1.response_ids)
+    assert torch.allclose(r0.sample_logprobs, r1.sample_logprobs, atol=1e-5, rtol=0)
     assert s0["tokens"] == s1["tokens"] == 27
     assert s0["decode_steps"] <= s1["decode_steps"] <= s0["decode_steps"] + len(lengths)
 
