@@ -25,7 +25,7 @@ layers) falls back to the reference path.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,14 @@ BUCKET_RATIO = 0.6   # a segment joins the current attention block while its len
 FAMILIES = ("qwen2", "qwen3", "llama")
 
 
+class CallCount:
+    """A plain counter object: FSDP2's input casting (MixedPrecisionPolicy) rebuilds dataclasses and
+    containers passed to a layer, never this, so every copy of a Layout counts into the same one."""
+
+    def __init__(self):
+        self.n = 0
+
+
 @dataclass
 class Layout:
     """A micro-batch as one packed sequence, and how attention reads it."""
@@ -47,7 +55,7 @@ class Layout:
     blocks: list                 # per attention block: (q_idx [n, L], k_idx [n, K], allowed [n, 1, L, K])
     inverse: torch.Tensor        # [N] row of each packed token in the blocks' concatenated outputs
     predict: torch.Tensor        # [M] packed index of the state that predicts each real response token
-    calls: int = 0               # attention calls made with this layout (one per decoder layer)
+    calls: CallCount = field(default_factory=CallCount)  # attention calls (one per decoder layer)
 
 
 def layout(batch, prompt_once: bool = True, bucket_ratio: float = BUCKET_RATIO) -> Layout:
@@ -116,7 +124,7 @@ def segment_attention(module, query, key, value, attention_mask=None, dropout: f
         raise ValueError("segment_attention needs the packed layout (packing.packed_response_logprobs)")
     if sliding_window is not None or kwargs.get("softcap") is not None:
         raise ValueError("packed forward: sliding-window or soft-capped attention is not supported; set train.pack=false")
-    segments.calls += 1
+    segments.calls.n += 1
     q, k, v = query[0], key[0], value[0]                                         # [h, N, d], [h_kv, N, d]
     outs = []
     for q_idx, k_idx, allowed in segments.blocks:
@@ -168,8 +176,8 @@ def packed_response_logprobs(model, batch, *, prompt_once: bool = True, temperat
               use_cache=False, logits_to_keep=1, segments=lay)
     finally:
         hook.remove()
-    if lay.calls != model.config.num_hidden_layers:
-        raise RuntimeError(f"packed forward: {lay.calls} of {model.config.num_hidden_layers} attention layers used "
+    if lay.calls.n != model.config.num_hidden_layers:
+        raise RuntimeError(f"packed forward: {lay.calls.n} of {model.config.num_hidden_layers} attention layers used "
                            f"the packed layout; set train.pack=false for this model")
     hidden = captured[0][0].index_select(0, lay.predict)                         # [M, H]
     lp, ent = token_logprobs_entropy(hidden[None], model.get_output_embeddings().weight, batch.response_ids[rm][None],

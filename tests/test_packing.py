@@ -209,3 +209,21 @@ def test_two_processes_packed_take_the_one_process_reference_step(model_dir, tmp
         assert max(float((b["params"][k] - a["params"][k]).abs().max()) for k in a["params"]) <= 1e-5, name
         for key in ("loss_pg", "loss_echo", "grad_norm", "entropy"):
             assert b["stats"][key] == pytest.approx(a["stats"][key], rel=1e-5, abs=1e-7), (name, key)
+
+
+def test_layers_that_rebuild_their_inputs_as_fsdp2_does_still_take_the_packed_layout(fp64_norm):
+    """FSDP2's MixedPrecisionPolicy casts every layer's inputs with torch.distributed.utils._apply_to_tensors,
+    which rebuilds dataclasses such as the Layout: each layer then sees a copy, and the count of layers
+    that used the layout must still reach every layer (it failed as 0 of 2 under torchrun + bf16)."""
+    from torch.distributed.utils import _apply_to_tensors
+    model = model64()
+    b = rollout([3, 2], [4, 2, 5, 1], G=2, P=4, R=5)
+    want = run_forward(model, b, reference)
+    rebuild = lambda module, args, kwargs: (_apply_to_tensors(lambda t: t, args), _apply_to_tensors(lambda t: t, kwargs))
+    hooks = [layer.register_forward_pre_hook(rebuild, with_kwargs=True) for layer in model.model.layers]
+    try:
+        got = run_forward(model, b, packing.packed_response_logprobs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert max_diff(got[0], want[0]) < 1e-12 and max_diff(got[2], want[2]) < 1e-12
