@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import train
-from conftest import scripted, small_cfg
-from rollout import concat
+from conftest import scripted, small_cfg, with_echo_only_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -44,12 +43,7 @@ def build_cases(model_dir, tmp_path, dtype: str, lr: float) -> Path:
         run.cfg.algo.dynamic_sampling = False  # the batch is fixed here; echo-only rows are appended by hand
         batch, _ = train.collect(run)
         if n_echo:  # DAPO's dropped all-success groups, kept for EchoRL with in_policy = 0
-            echo = train.sample(run, run.stream.next(n_echo))
-            train.score(run, echo)
-            echo.in_policy = torch.zeros(len(echo))
-            echo.extras["global_group"] = [i // 4 for i in range(len(echo))]
-            batch = concat([batch, echo], run.tok.pad_token_id)
-            batch.group = torch.arange(len(batch) // 4).repeat_interleave(4)
+            batch = with_echo_only_groups(run, batch, n_echo)
         cases[name] = (batch, extra)
     path = tmp_path / f"cases_{dtype}.pt"
     torch.save(cases, path)

@@ -19,7 +19,7 @@ import train
 from entropy import response_logprobs as reference
 from rollout import Rollout, concat, update_slices
 
-from conftest import scripted, small_cfg
+from conftest import scripted, small_cfg, with_echo_only_groups
 
 TOK = tiny.build_tokenizer()
 PAD = TOK.pad_token_id
@@ -161,12 +161,7 @@ def _update_grads(model_dir, tmp_path, pack: bool, overrides, rewards, n_echo):
     run.cfg.algo.dynamic_sampling = False
     batch, _ = train.collect(run)
     if n_echo:  # DAPO's dropped all-success groups, kept for EchoRL with in_policy = 0
-        echo = train.sample(run, run.stream.next(n_echo))
-        train.score(run, echo)
-        echo.in_policy = torch.zeros(len(echo))
-        echo.extras["global_group"] = [i // 4 for i in range(len(echo))]
-        batch = concat([batch, echo], run.tok.pad_token_id)
-        batch.group = torch.arange(len(batch) // 4).repeat_interleave(4)
+        batch = with_echo_only_groups(run, batch, n_echo)
     train.compute_advantages(run, batch)
     train.old_policy(run, batch)
     echorl.echo_clips(run, batch)

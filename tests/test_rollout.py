@@ -2,20 +2,11 @@
 import pytest
 import torch
 
-import tiny
 from rollout import (Rollout, concat, load_tokenizer, position_ids_from_mask, render_prompts,
                      response_mask_from_ids)
 from sampler import generate
 
 EOS = 0
-
-
-@pytest.fixture(scope="module")
-def tok_model():
-    tok = tiny.build_tokenizer()
-    model = tiny.build_model(tok, seed=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, intermediate_size=64).eval()
-    return tok, model
 
 
 def test_response_mask_keeps_eos_and_drops_padding_when_pad_equals_eos():

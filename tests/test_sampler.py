@@ -21,14 +21,6 @@ QWEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "q
 EOS = 0
 
 
-@pytest.fixture(scope="module")
-def tok_model():
-    tok = tiny.build_tokenizer()
-    model = tiny.build_model(tok, seed=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, intermediate_size=64).eval()
-    return tok, model
-
-
 def test_generate_groups_rows_and_masks(tok_model):
     tok, model = tok_model
     torch.manual_seed(0)
