@@ -50,28 +50,25 @@ class World:
         """Only rank 0 prints, shows progress bars and writes files."""
         return self.rank == 0
 
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of x over ranks (x itself in one process)."""
+    def _reduce(self, x: torch.Tensor, op) -> torch.Tensor:
         if self.size == 1:
             return x
         x = x.clone()
-        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
+        torch_dist.all_reduce(x, op=op)
         return x
 
-    def max(self, n: float) -> float:
-        if self.size == 1:
-            return n
-        t = torch.tensor([float(n)], dtype=torch.float64, device=self.device)
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-        return type(n)(t.item())
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of x over ranks (x itself in one process)."""
+        return self._reduce(x, torch_dist.ReduceOp.SUM)
 
     def max_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Elementwise maximum of x over ranks (x itself in one process)."""
-        if self.size == 1:
-            return x
-        x = x.clone()
-        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.MAX)
-        return x
+        return self._reduce(x, torch_dist.ReduceOp.MAX)
+
+    def max(self, n: float) -> float:
+        """The largest n over ranks, of n's own type."""
+        return n if self.size == 1 else type(n)(self.max_tensor(torch.tensor([float(n)], dtype=torch.float64,
+                                                                               device=self.device)).item())
 
     def all(self, flag: bool) -> bool:
         """True when `flag` is true on every rank."""

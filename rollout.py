@@ -9,7 +9,7 @@ later stages. Conventions used everywhere:
   * `position_ids` count real tokens only (the prompt's first token is 0, as HF `generate`
     builds them), so the training forward scores exactly the sequence that was sampled.
 
-Sampling itself lives in sampler.py (`sampler.generate`, the slot engine, and `sampler.generate_hf`,
+Sampling itself lives in sampler.py (`sampler.generate`, the slot engine) and hf_generate.py (`generate_hf`,
 HF `generate`, the reference it is tested against); this module holds the record and its masks.
 """
 from __future__ import annotations

@@ -42,6 +42,7 @@ from data import DataError, ListStream, load_problems
 from dist import World, even_out
 from entropy import delimiter_table
 from eval import evaluate_run, load_benchmarks, longest_row
+from hf_generate import generate_hf
 from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss, tis_weights
 from metrics import Max, Sum
 from models import autocast, count_parameters, load_policy, model_source, resolve_device, rollout_dtype
@@ -50,8 +51,7 @@ from rollout import Rollout, batch_stats, concat, eos_ids, render_prompts, updat
 from runs import (CheckpointError, Interrupted, Logger, RunFolderError, StopAfterStep, dump_rollouts, further,
                   latest_checkpoint, launch_command, load_checkpoint, prepare_out_dir, rerun_hint, save_checkpoint,
                   seed_everything, summary)
-from sampler import (Sampler, generate_hf, refresh_sampling_copy, resolve_compile, row_seed, sampler_mismatch,
-                     sampling_copy)
+from sampler import Sampler, refresh_sampling_copy, resolve_compile, row_seed, sampler_mismatch, sampling_copy
 
 RewardFn = Callable[[list[str], list[str]], list[float]]  # (responses, golds) -> rewards; 1.0 = verified correct
 

@@ -92,7 +92,7 @@ def run_hf(model, tok, prompts, G, max_new, temperature, batch, lengths):
     from transformers import LogitsProcessorList
 
     from rollout import eos_ids
-    from sampler import generate_hf
+    from hf_generate import generate_hf
     eos, V = eos_ids(tok, model), model.config.vocab_size
     tokens = steps = slot_steps = 0
     per = max(1, batch // G)                      # whole groups per call

@@ -84,7 +84,8 @@ def rollout(args) -> None:
     import tiny
     from entropy import response_logprobs
     from rollout import eos_ids, load_tokenizer, render_prompts
-    from sampler import Sampler, generate_hf
+    from hf_generate import generate_hf
+    from sampler import Sampler
     dev = "cpu" if args.cpu else "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, train_file = model_source(args, Path(tmp))

@@ -12,7 +12,8 @@ import tiny
 from config import ConfigError
 from entropy import response_logprobs
 from rollout import eos_ids, render_prompts
-from sampler import (M32, Sampler, _mul32, generate, generate_hf, refresh_sampling_copy, row_keys, sample_tokens,
+from hf_generate import generate_hf
+from sampler import (M32, Sampler, _mul32, generate, refresh_sampling_copy, row_keys, sample_tokens,
                      sampling_copy, uniforms)
 
 QWEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "qwen2.5-math-1.5b"
