@@ -18,6 +18,7 @@ import json
 import math
 import random
 import shutil
+import zlib
 from dataclasses import asdict, dataclass
 from typing import Literal
 from pathlib import Path
@@ -41,7 +42,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 @dataclass
 class TinyConfig:
     """The embedded task, its model and its warm start: config section `tiny` (defaults = configs/tiny.yaml)."""
-    task: Literal["arith", "story"] = "arith"  # which procedural task (TASKS below)
+    task: Literal["arith", "story", "fork"] = "arith"  # which procedural task (TASKS below)
     min_ops: int = 1          # difficulty: number of operations (= solution lines before the box)
     max_ops: int = 3
     max_value: int = 20       # every intermediate result stays in [0, max_value]
@@ -54,7 +55,7 @@ class TinyConfig:
     sft_steps: int = 600      # the warm start: SFT on synthetic solutions
     sft_batch_size: int = 32
     sft_lr: float = 5e-3
-    sft_habit: float = 0.5    # share of multi-step SFT solutions that box the first intermediate result
+    sft_habit: float = 0.5    # share of multi-step SFT solutions that box the first intermediate result (HABITS)
     sft_problems: int = 20000
     cache_dir: str = ".cache/tiny"
 
@@ -123,7 +124,39 @@ def make_story_problem(rng: random.Random, cfg: TinyConfig, pid: str = "") -> Pr
     return Problem(pid, p.question, p.answer, "\n".join(lines + [p.solution.split("\n")[-1]]))
 
 
-TASKS = {"arith": make_arith_problem, "story": make_story_problem}  # tiny.task -> (rng, cfg, id) -> Problem
+# "fork": the arith problems with one decision in words. After the first equation the solver says
+# whether to go on or to answer, in one short line (four tokens: two words, a full stop, a newline):
+# one of four phrases to go on when operations remain, one of four to answer when none do. The
+# warm start's habit (tiny.sft_habit) answers after the first equation anyway: it says a stop phrase
+# and boxes the first result. So the decision line is uncertain (the family and the phrase) and, unlike
+# story's wording, it decides correctness: a correct answer that went on passed through a real fork,
+# which EchoRL's clip, ending at that line, reinforces (the stakes the probe measures).
+#     7 + 5 = 12
+#     Then more.
+#     12 - 3 = 9
+#     \boxed{9}
+FORK_GO = ["Then more.", "Now more.", "And more.", "So more."]
+FORK_STOP = ["The answer.", "That is.", "This is.", "Answer now."]
+
+
+def make_fork_problem(rng: random.Random, cfg: TinyConfig, pid: str = "") -> Problem:
+    p = make_arith_problem(rng, cfg, pid)
+    lines = p.solution.split("\n")
+    say = rng.choice(FORK_GO if len(lines) > 2 else FORK_STOP)
+    return Problem(pid, p.question, p.answer, "\n".join(lines[:1] + [say] + lines[1:]))
+
+
+def fork_habit(p: Problem) -> Problem:
+    """The habit on a fork solution: a stop phrase after the first equation, then its result boxed."""
+    first = p.solution.split("\n")[0]
+    if p.solution.split("\n")[1] in FORK_STOP:  # one operation: already the right answer
+        return p
+    say = FORK_STOP[zlib.crc32(p.question.encode()) % len(FORK_STOP)]
+    return Problem(p.id, p.question, p.answer, "\n".join([first, say, f"\\boxed{{{first.split('= ')[-1]}}}"]))
+
+
+TASKS = {"arith": make_arith_problem, "story": make_story_problem,  # tiny.task -> (rng, cfg, id) -> Problem
+         "fork": make_fork_problem}
 
 
 def make_problem(rng: random.Random, cfg: TinyConfig, pid: str = "") -> Problem:
@@ -235,6 +268,9 @@ def with_habit(p: Problem) -> Problem:
     return Problem(p.id, p.question, p.answer, "\n".join(lines[:-1] + [f"\\boxed{{{first}}}"]))
 
 
+HABITS = {"arith": with_habit, "story": with_habit, "fork": fork_habit}  # tiny.task -> its warm start's habit
+
+
 def sft_batch(tokenizer, problems: list[Problem]) -> dict[str, torch.Tensor]:
     """Prompt + solution + EOS, loss on the solution and EOS only (labels -100 elsewhere)."""
     prompts = render_prompts([p.question for p in problems], tokenizer, "chat")
@@ -281,7 +317,7 @@ def warm_start(cfg: TinyConfig, seed: int = 0) -> Path:
         model = build_model(tok, cfg, seed=seed)
         torch.manual_seed(seed)
         rng = random.Random(seed)
-        data = [with_habit(p) if rng.random() < cfg.sft_habit else p
+        data = [HABITS[cfg.task](p) if rng.random() < cfg.sft_habit else p
                 for p in make_split(cfg, cfg.sft_problems, "sft")]
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(

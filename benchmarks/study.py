@@ -1,38 +1,36 @@
-"""Does EchoRL help, with which methods, where its premise holds? A miniature of the paper's study.
+"""Does EchoRL's mechanism work? A pre-registered miniature of the paper's late-training regime.
 
-    python benchmarks/study.py --seeds 4 --arith-seeds 3
+    python benchmarks/study.py                 # the primary comparison (README "Results"), <= 90 min on 2 cores
+    python benchmarks/study.py --secondary     # the siblings, select ablations and story control, <= 60 min
 
-About 86 minutes on 2 cores from a fresh clone (two warm starts of 2.5 minutes each, then 16 story
-runs of ~65 s and 8 arith runs of ~30 s per seed): 4 story seeds are what fits the 90-minute budget
-(a fifth adds ~18 minutes).
+Design (pre-registered in the README before the first run):
+  task      fork (tiny.py): 2-operation arith problems with one decision line after the first equation;
+            the warm start's habit answers there too early (tiny.sft_habit), so the decision is uncertain
+            AND decides correctness. story (secondary) is the control: uncertain wording, no stakes.
+  premise   at the warm start (and again at the branch point): over the EchoClips of all-correct groups,
+            the mean peak-step entropy (>= 0.3 nats) and the mean stakes of the peak step (>= 0.10):
+            P(correct | through the step) - P(correct | before it), K resampled continuations each
+            (echorl.probe_stakes), beside the same number for a random step and the lowest-entropy step.
+  burn-in   one shared run from the warm start, the authors' preset (algo.name=paper) without EchoRL,
+            until the saturated regime: degenerate groups >= 0.6 of prompts over its last 16 steps
+            (the gate is printed and recorded; the branches run either way and the verdict says so).
+  branches  from the burn-in's last checkpoint (its weights; a fresh optimizer), per seed: the paper
+            preset with EchoRL's lambda in {0 (off), 0.001, 0.01}; every arm of a seed draws the same
+            prompts and sampling keys, so arms differ only through EchoRL.
+  outcome   held-out avg@16 on the task's 200 held-out problems at the end of the branch.
+  analysis  per lambda > 0: the paired difference to lambda = 0 over >= 10 seeds, its 95% interval
+            (exact Student's t quantile), and TOST at +/- 0.02 (both one-sided tests at 5%). Verdict:
+            "helps"/"hurts" if the 95% interval excludes 0, "no effect larger than 0.02" if only TOST
+            holds, else "undecided". Two comparisons, each at 5%, no correction (said with the result).
 
-Two embedded tasks (tiny.py), each from its own cached warm start:
-  arith  the default task: one equation per line; in its all-correct groups the clip tokens are
-         near-certain, so EchoRL has almost nothing to learn there (the premise fails);
-  story  the same problems solved in words: lines of two sentences whose wording the warm start
-         chooses among several likely continuations, then the equation (the premise holds).
-On both: GRPO, DAPO, Dr.GRPO and GSPO with EchoRL off and on. On story, ablations of GRPO + EchoRL:
-the clip's end (select: peak / random_step / full / lowest_entropy), the coefficient (0.001, 0.01,
-0.1, 1.0), the step delimiter (newline / sentence) and the normaliser of L_echo (mean over clip
-tokens / the policy loss's own aggregation).
-
-Every run of a seed starts from the same warm start and draws the same prompts; the warm start's
-held-out accuracy is measured once per task and seed. Held-out accuracy is avg@8 on 200 problems at
-the rollout temperature, with pass@8 beside it (supervised learning on the model's own answers can
-trade diversity for accuracy). Differences are paired by seed: the mean difference with its 95%
-interval (Student's t over seeds); an effect is named only when the interval excludes 0.
-
-After the runs, the premise is checked on story: at the start of RL, the mean peak-step entropy of
-the EchoClips of all-correct groups must be >= 0.3 nats (printed with the echo/policy gradient-norm
-ratio that the probe measures; log.probe_every).
-
-Writes OUT/results.md (tables), OUT/results.json, OUT/curves_<task>.png (accuracy, degenerate groups),
-OUT/premise.png (the premise metrics over training next to accuracy), one folder per run. Finished
-runs with the same config are reused: an interrupted study continues where it stopped.
+Every run's per-seed numbers go to benchmarks/results/study/ (results.json, results.md, paired.png);
+run folders live under --out (default runs/study). A finished run is reused only when its config and
+the source code (a hash of the project's .py files and this script) are unchanged.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -41,275 +39,276 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import echorl  # noqa: E402
 import models  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
-from eval import evaluate_run, load_benchmarks  # noqa: E402
 from config import load_config, to_dict  # noqa: E402
 from _common import cpu_model  # noqa: E402
+from stats import effect, paired, tost, verdict  # noqa: E402
 
-# The budget of every run, then each task's settings (task, warm start) on top.
-BUDGET = ["rollout.prompts_per_step=16", "train.steps=32", "eval.every=32", "eval.limit=200", "eval.n=8",
-          "train.save_every=0", "log.log_rollouts_every=0"]
-TASKS = {
-    "arith": ["tiny.task=arith", "tiny.max_ops=2", "tiny.sft_steps=1000"],
+MARGIN = 0.02                   # the equivalence margin (held-out accuracy)
+GATE = 0.6                      # degenerate share of prompts over the burn-in's last 16 steps
+PREMISE_ENTROPY, PREMISE_STAKES = 0.3, 0.10
+TASKS = {  # each task's settings on top of configs/tiny.yaml (its warm start is keyed on them)
+    "fork": ["tiny.task=fork", "tiny.min_ops=2", "tiny.max_ops=2", "tiny.sft_habit=0.25", "tiny.sft_steps=1000"],
     "story": ["tiny.task=story", "rollout.max_new_tokens=80"],
 }
-METHODS = ["grpo", "dapo", "drgrpo", "gspo"]
-TITLES = {"grpo": "GRPO", "dapo": "DAPO", "drgrpo": "Dr.GRPO", "gspo": "GSPO"}
-ABLATIONS = {  # on story, all GRPO + EchoRL (defaults: select=peak, coef=0.001, newline, clip_tokens)
-    "select=random_step": ["echo.select=random_step"],
-    "select=full": ["echo.select=full"],
-    "select=lowest_entropy": ["echo.select=lowest_entropy"],
-    "coef=0.01": ["echo.coef=0.01"],
-    "coef=0.1": ["echo.coef=0.1"],
-    "coef=1.0": ["echo.coef=1.0"],
-    "delimiter=sentence": ["echo.delimiter=sentence"],
-    "normalizer=policy": ["echo.normalizer=policy"],
+COMMON = ["algo.name=paper", "rollout.prompts_per_step=16", "train.save_every=0", "log.log_rollouts_every=0",
+          "eval.limit=200"]
+BURN = ["train.steps=64", "echo.enabled=false", "train.seed=1000", "eval.every=32", "eval.n=4"]
+BRANCH = ["train.steps=24", "eval.every=0", "eval.at_start=false", "eval.n=16"]
+PRIMARY = {"lambda=0": ["echo.enabled=false"],
+           "lambda=0.001": ["echo.enabled=true", "echo.coef=0.001"],
+           "lambda=0.01": ["echo.enabled=true", "echo.coef=0.01"]}
+SECONDARY = {  # on fork (compared with lambda=0 of the same seed), then story's control pair
+    "entropy bonus off": ["echo.enabled=false", "algo.entropy_coef=0.0"],
+    "DAPO (drops zero-variance groups)": ["echo.enabled=false", "algo.name=dapo"],
+    "RL-ZVP": ["echo.enabled=false", "algo.zvp_coef=0.1"],
+    "positive-only SFT (RAFT++)": ["echo.enabled=true", "echo.coef=0.01", "echo.select=full",
+                                   "echo.clips_per_group=all", "echo.scope=success"],
+    "lambda=0.01 select=random_step": ["echo.enabled=true", "echo.coef=0.01", "echo.select=random_step"],
+    "lambda=0.01 select=lowest_entropy": ["echo.enabled=true", "echo.coef=0.01", "echo.select=lowest_entropy"],
+    "lambda=0.01 select=full": ["echo.enabled=true", "echo.coef=0.01", "echo.select=full"],
 }
-PROBE = ["log.probe_every=8"]   # EchoRL runs: the gradient share and the peak step's sharpening
-PREMISE = 0.3                   # nats: mean peak-step entropy of the clips at the start of RL
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+STORY_ARMS = {"lambda=0": PRIMARY["lambda=0"], "lambda=0.01": PRIMARY["lambda=0.01"]}
+KEY = "eval/tiny/acc"
 
 
-def plan(ablations: bool = True) -> dict[str, list[str]]:
-    """Run name -> overrides, for every task."""
-    runs = {}
-    for task in TASKS:
-        for m in METHODS:
-            runs[f"{task}/{m}"] = [f"algo.name={m}", "echo.enabled=false"]
-            runs[f"{task}/{m}+echo"] = [f"algo.name={m}", "echo.enabled=true", *PROBE]
-    if ablations:
-        for name, ov in ABLATIONS.items():
-            runs[f"story/grpo+echo {name}"] = ["algo.name=grpo", "echo.enabled=true", *PROBE, *ov]
-    return runs
+def code_hash() -> str:
+    """A hash of the source a run depends on: every .py of the project, this script, the default config."""
+    files = sorted(ROOT.glob("*.py")) + [ROOT / "benchmarks" / "study.py", ROOT / "benchmarks" / "stats.py",
+                                         ROOT / "configs" / "tiny.yaml"]
+    h = hashlib.sha1()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
-def task_of(name: str) -> str:
-    return name.split("/")[0]
+def _fresh(out: Path, cfg) -> bool:
+    """Whether out holds a finished run of exactly this config and code."""
+    saved, code = out / "config.json", out / "code_hash"
+    return (saved.exists() and code.exists() and code.read_text().strip() == code_hash()
+            and json.loads(saved.read_text()) == json.loads(json.dumps(to_dict(cfg))))
 
 
 def run_one(config: str, overrides: list[str], out: Path) -> tuple[list[dict], float]:
-    """Train one run into `out`, or reuse it if it finished with the same config; its metrics rows
-    and wall seconds."""
+    """Train one run into `out`, or reuse it if it finished with the same config and code; its metrics
+    rows and wall seconds."""
     cfg = load_config(config, overrides + [f"train.out_dir={out}"])
-    metrics, wall_file, saved = out / "metrics.jsonl", out / "wall_s", out / "config.json"
-    if metrics.exists() and wall_file.exists() and saved.exists() \
-            and json.loads(saved.read_text()) == json.loads(json.dumps(to_dict(cfg))):
-        rows = [json.loads(l) for l in metrics.read_text().splitlines() if l]
+    metrics, wall_file = out / "metrics.jsonl", out / "wall_s"
+    if _fresh(out, cfg) and metrics.exists() and wall_file.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
         if rows and rows[-1]["step"] == cfg.train.steps:
             return rows, float(wall_file.read_text())
-    shutil.rmtree(out, ignore_errors=True)  # an unfinished or outdated run of this study: start it again
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished or outdated run: start it again
     t0 = time.perf_counter()
     train.train(cfg)
     wall = time.perf_counter() - t0
     wall_file.write_text(f"{wall:.1f}\n")
-    return [json.loads(l) for l in metrics.read_text().splitlines() if l], wall
+    (out / "code_hash").write_text(code_hash() + "\n")
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line], wall
 
 
-def start_eval(config: str, overrides: list[str], out: Path) -> tuple[dict, float]:
-    """The warm start's held-out metrics for one (task, seed), measured once (cached in out/start.json):
-    the same evaluation, keyed on the same seed, as the runs' step 0 would be."""
-    cfg = load_config(config, overrides + [f"train.out_dir={out}"])
-    path = out / "start.json"
-    key = json.loads(json.dumps(to_dict(cfg)))
-    if path.exists() and json.loads(path.read_text())["config"] == key:
+def premise(config: str, overrides: list[str], out: Path, batches: int) -> tuple[dict, float]:
+    """EchoRL's premise on the model that `overrides` load, over `batches` rollout batches: the clips'
+    peak-step entropy and the stakes of their peak, random and lowest-entropy steps (means over clips,
+    weighted by each batch's clip count). Cached in out/premise.json (keyed on config and code)."""
+    cfg = load_config(config, overrides + [f"train.out_dir={out}", "echo.enabled=true"])
+    path = out / "premise.json"
+    key = {"config": json.loads(json.dumps(to_dict(cfg))), "code": code_hash(), "batches": batches}
+    if path.exists() and json.loads(path.read_text())["key"] == key:
         saved = json.loads(path.read_text())
-        return saved["metrics"], saved["wall_s"]
+        return saved["premise"], saved["wall_s"]
     t0 = time.perf_counter()
     run = train.setup(cfg)
-    metrics = evaluate_run(run, load_benchmarks(cfg))
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for _ in range(batches):
+        batch, stats = train.collect(run)
+        stats |= train.old_policy(run, batch)
+        stats |= echorl.echo_clips(run, batch)
+        stats |= echorl.probe_stakes(run, batch)
+        stats |= train.group_stats(batch.correct, batch.rewards, cfg.rollout.group_size)
+        n = float(stats.get("echo/n_clips", 0.0))
+        for k, v in stats.items():
+            if k.startswith("probe/") or k == "echo/peak_step_entropy":
+                w = float(getattr(v, "n", n) or 0.0)
+                sums[k], weights[k] = sums.get(k, 0.0) + float(v) * w, weights.get(k, 0.0) + w
+            elif k in ("frac_all_success", "frac_degenerate"):
+                sums[k], weights[k] = sums.get(k, 0.0) + float(v), weights.get(k, 0.0) + 1
+        sums["clips"] = sums.get("clips", 0.0) + n
+        run.step += 1
+    res = {k: sums[k] / weights[k] for k in weights if weights[k] > 0} | {"clips": sums.get("clips", 0.0)}
     wall = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": key, "metrics": metrics, "wall_s": wall}))
-    return metrics, wall
+    path.write_text(json.dumps({"key": key, "premise": res, "wall_s": wall}, indent=1))
+    return res, wall
 
 
-def mean_of(rows: list[dict], key: str, part: slice = slice(None)) -> float | None:
-    vals = [r[key] for r in rows[part] if key in r and math.isfinite(r[key])]
-    return statistics.mean(vals) if vals else None
+def premise_line(task: str, where: str, p: dict) -> tuple[bool, str]:
+    ent, st = p.get("echo/peak_step_entropy", float("nan")), p.get("probe/peak_stakes", float("nan"))
+    ok = ent >= PREMISE_ENTROPY and st >= PREMISE_STAKES
+    return ok, (f"| {task} | {where} | {p['clips']:.0f} | {ent:.3f} | {st:+.3f} | "
+                f"{p.get('probe/peak_p_before', float('nan')):.3f} -> {p.get('probe/peak_p_through', float('nan')):.3f} | "
+                f"{p.get('probe/random_stakes', float('nan')):+.3f} | {p.get('probe/lowest_stakes', float('nan')):+.3f} | "
+                f"{p.get('frac_all_success', float('nan')):.2f} | {'PASS' if ok else 'FAIL'} |")
 
 
-def summarize(start: dict, rows: list[dict], task_key: str) -> dict:
-    """One run: held-out avg@8 and pass@8 before and after, the state of its groups over the last 25%
-    of steps, EchoRL's clips and loss, the premise metrics (first and last 25% of steps), time."""
+PREMISE_HEAD = ["| task | model | clips | peak-step entropy (nats) | peak stakes | P(correct) before -> through | "
+                "random-step stakes | lowest-entropy-step stakes | all-correct groups | premise (>= 0.3 and >= 0.10) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def burn_in(config: str, task: str, args, walls: dict) -> tuple[Path, float, list[dict]]:
+    """The shared burn-in of a task: its last checkpoint, the degenerate share over its last 16 steps."""
+    out = Path(args.out) / task / "burn"
+    rows, walls[f"{task} burn-in"] = run_one(config, TASKS[task] + COMMON + BURN + args.overrides, out)
     steps = [r for r in rows if r["step"] > 0]
-    q = max(1, len(steps) // 4)
-    last = next(r for r in reversed(rows) if f"eval/{task_key}/acc" in r)
-    return {
-        "acc_start": start[f"eval/{task_key}/acc"], "pass_start": start.get(f"eval/{task_key}/pass@8"),
-        "acc_end": last[f"eval/{task_key}/acc"], "pass_end": last.get(f"eval/{task_key}/pass@8"),
-        "frac_degenerate_end": mean_of(steps, "frac_degenerate", slice(-q, None)),
-        "frac_all_success_end": mean_of(steps, "frac_all_success", slice(-q, None)),
-        "clips_per_step": statistics.mean(r.get("echo/n_clips", 0.0) for r in steps),
-        "loss_echo": statistics.mean(r.get("loss_echo", 0.0) for r in steps),
-        "peak_entropy_start": mean_of(steps, "echo/peak_step_entropy", slice(0, q)),
-        "peak_entropy_end": mean_of(steps, "echo/peak_step_entropy", slice(-q, None)),
-        "step_entropy_start": mean_of(steps, "echo/mean_step_entropy", slice(0, q)),
-        "clip_nll_start": mean_of(steps, "echo/clip_nll", slice(0, q)),
-        "clip_nll_end": mean_of(steps, "echo/clip_nll", slice(-q, None)),
-        "echo_over_policy": mean_of(steps, "probe/echo_over_policy"),
-        "peak_entropy_change": mean_of(steps, "probe/peak_entropy_change"),
-        "sec_per_step": statistics.mean(r["time/step"] for r in steps),
-    }
+    degenerate = statistics.mean(r["frac_degenerate"] for r in steps[-16:])
+    ckpt = out / "checkpoints" / f"step_{steps[-1]['step']:06d}"
+    return ckpt, degenerate, rows
 
 
-def interval(deltas: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% interval (Student's t over the paired seeds)."""
-    m = statistics.mean(deltas)
-    if len(deltas) < 2:
-        return m, float("inf")
-    return m, T975.get(len(deltas) - 1, 1.96) * statistics.stdev(deltas) / math.sqrt(len(deltas))
+def branches(config: str, task: str, ckpt: Path, arms: dict, seeds: int, args, walls: dict, done: list) -> dict:
+    """Every arm x seed from the burn-in's checkpoint: {arm: [final held-out avg@16 per seed]}, runs' rows."""
+    acc, rows = {a: [] for a in arms}, {}
+    total = len(arms) * seeds
+    for seed in range(seeds):
+        for arm, ov in arms.items():
+            done[0] += 1
+            print(f"[study] {task} {arm} seed {seed} ({done[0]} runs)", flush=True)
+            run_ov = TASKS[task] + COMMON + BRANCH + [f"model.name_or_path={ckpt}", f"train.seed={seed}"] + ov
+            r, walls[f"{task} {arm} seed{seed}"] = run_one(config, run_ov + args.overrides,
+                                                           Path(args.out) / task / arm.replace(" ", "_") / f"seed{seed}")
+            rows[(arm, seed)] = r
+            acc[arm].append(next(x[KEY] for x in reversed(r) if KEY in x))
+    del total
+    return {"acc": acc, "rows": rows}
 
 
-def effect(deltas: list[float], better: str = "helps", worse: str = "hurts") -> str:
-    """'+0.012 [-0.004, +0.028] (no detectable effect)': an effect is named only when the 95% interval
-    excludes 0."""
-    m, h = interval(deltas)
-    if all(d == 0 for d in deltas):
-        return f"{m:+.3f} (identical)"
-    label = better if m - h > 0 else worse if m + h < 0 else "no detectable effect"
-    return f"{m:+.3f} [{m - h:+.3f}, {m + h:+.3f}] ({label})"
-
-
-def fmt(xs: list[float | None], digits: int = 3) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    if len(xs) == 1:
-        return f"{xs[0]:.{digits}f}"
-    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
-
-
-def table(summ: dict, names: list[str], seeds: int) -> list[str]:
-    """One row per run: means ± std over seeds; Δ paired by seed against EchoRL off (and, for an
-    ablation, against GRPO + EchoRL with the defaults)."""
-    head = ("| run | held-out avg@8 (end) | pass@8 (end) | Δ avg@8 vs EchoRL off [95% CI] | Δ pass@8 vs off | "
-            "Δ avg@8 vs default EchoRL | degenerate groups (last 25%) | clips / step | L_echo / step | "
-            "peak-step entropy at start (nats) | clip NLL at start | echo / policy grad norm | s / step |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for n in names:
-        s = [summ[(n, i)] for i in range(seeds)]
-        task, rest = n.split("/")
-        off = f"{task}/{rest.split('+')[0]}"
-        d_off = d_pass = d_def = ""
-        if n != off:
-            d_off = effect([a["acc_end"] - summ[(off, i)]["acc_end"] for i, a in enumerate(s)])
-            if s[0]["pass_end"] is not None:
-                d_pass = effect([a["pass_end"] - summ[(off, i)]["pass_end"] for i, a in enumerate(s)])
-        if " " in rest:
-            base = f"{task}/grpo+echo"
-            d_def = effect([a["acc_end"] - summ[(base, i)]["acc_end"] for i, a in enumerate(s)], "better", "worse")
-        lines.append(f"| {n} | {fmt([x['acc_end'] for x in s])} | {fmt([x['pass_end'] for x in s])} | {d_off} | "
-                     f"{d_pass} | {d_def} | {fmt([x['frac_degenerate_end'] for x in s], 2)} | "
-                     f"{statistics.mean(x['clips_per_step'] for x in s):.1f} | "
-                     f"{statistics.mean(x['loss_echo'] for x in s):.1e} | {fmt([x['peak_entropy_start'] for x in s])} | "
-                     f"{fmt([x['clip_nll_start'] for x in s])} | {fmt([x['echo_over_policy'] for x in s], 2)} | "
-                     f"{statistics.mean(x['sec_per_step'] for x in s):.2f} |")
+def paired_table(acc: dict, base: str, arms: list[str]) -> list[str]:
+    lines = [f"| arm | held-out avg@16 (mean ± SD over seeds) | Δ vs {base}: mean [95% CI], TOST ±{MARGIN} p (verdict) |"
+             " seeds |", "|---|---|---|---|"]
+    for a in [base] + arms:
+        xs = acc[a]
+        d = "" if a == base else effect([x - y for x, y in zip(xs, acc[base])], MARGIN)
+        sd = f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else ""
+        lines.append(f"| {a} | {statistics.mean(xs):.3f}{sd} | {d} | {len(xs)} |")
     return lines
 
 
-def premise_check(summ: dict, seeds: int) -> tuple[bool, str]:
-    """Story, GRPO + EchoRL at the start of RL: the clips' mean peak-step entropy against PREMISE."""
-    s = [summ[("story/grpo+echo", i)] for i in range(seeds)]
-    peak = statistics.mean(x["peak_entropy_start"] for x in s)
-    ratio = [x["echo_over_policy"] for x in s if x["echo_over_policy"] is not None]
-    ok = peak >= PREMISE
-    text = (f"premise check (story, GRPO + EchoRL, first 25% of steps): mean peak-step entropy of the EchoClips "
-            f"{peak:.3f} nats ({'>=' if ok else '<'} {PREMISE}: {'PASS' if ok else 'FAIL'}); mean step entropy "
-            f"{statistics.mean(x['step_entropy_start'] for x in s):.3f}; clip NLL "
-            f"{statistics.mean(x['clip_nll_start'] for x in s):.3f} nats/token; echo / policy gradient norm "
-            f"{statistics.mean(ratio) if ratio else float('nan'):.3f} (probe every 8 steps)")
-    return ok, text
+def plot_paired(acc: dict, base: str, arms: list[str], path: Path, title: str) -> None:
+    """Per-seed paired differences with their mean, 95% interval and the ±margin band."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print(f"plot skipped: {e}")
+        return
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(arms), 3.6))
+    ax.axhspan(-MARGIN, MARGIN, color="0.9", label=f"±{MARGIN} (equivalence margin)")
+    ax.axhline(0, color="0.5", lw=0.8)
+    for i, a in enumerate(arms):
+        d = [x - y for x, y in zip(acc[a], acc[base])]
+        ax.plot([i] * len(d), d, "o", color="C0", alpha=0.5, ms=4)
+        m, h = paired(d)
+        ax.errorbar([i + 0.15], [m], yerr=[[h], [h]], fmt="s", color="C3", capsize=4)
+    ax.set_xticks(range(len(arms)), arms, fontsize=8)
+    ax.set_ylabel(f"held-out avg@16 − {base}")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/tiny.yaml")
-    ap.add_argument("--seeds", type=int, default=4, help="seeds of every story run")
-    ap.add_argument("--arith-seeds", type=int, default=3, help="seeds of every arith run")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    ap.add_argument("--seeds", type=int, default=10, help="seeds of every primary arm (and of the secondary's base)")
+    ap.add_argument("--secondary", action="store_true", help="the siblings, ablations and story control instead")
+    ap.add_argument("--secondary-seeds", type=int, default=5)
+    ap.add_argument("--premise-batches", type=int, default=4, help="rollout batches for each premise check")
     ap.add_argument("--out", default="runs/study")
-    ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "study"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="applied to every run, after the study budget (e.g. train.steps=16)")
+                    help="applied to every run, after the study's settings")
     args = ap.parse_args(argv)
-    seeds = {"arith": args.arith_seeds, "story": args.seeds}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_study = time.perf_counter()
-    runs = plan(not args.no_ablations)
-    names = list(runs)
-    walls, rows, starts = {}, {}, {}
-    for task, task_ov in TASKS.items():
-        base = load_config(args.config, BUDGET + task_ov + args.overrides)
+    t_call = time.perf_counter()
+    part = "secondary" if args.secondary else "primary"
+    res_dir = Path(args.results)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    walls, report, record = {}, [], {"part": part, "code": code_hash(), "cpu": cpu_model(), "args": vars(args)}
+    tasks = ["fork", "story"]
+    ckpts, premises = {}, []
+    for task in tasks:
+        base = load_config(args.config, TASKS[task] + COMMON + args.overrides)
         cached = (tiny.cache_path(base.tiny) / "config.json").exists()
         t0 = time.perf_counter()
-        models.model_source(base)  # the task's warm start, built once before its runs
-        built = 0.0 if cached else time.perf_counter() - t0
-        record = out / task / "warm_start_s"  # a resumed study still counts the build in its wall time
-        if not cached:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(f"{built:.1f}")
-        walls[("warm start", task)] = float(record.read_text()) if record.exists() else 0.0
-        print(f"[study] {task}: warm start {'from the cache' if cached else f'built in {built / 60:.1f} min'}", flush=True)
-    todo = sum(seeds[t] * (1 + sum(task_of(n) == t for n in names)) for t in TASKS)
-    done = 0
-    for seed in range(max(seeds.values())):
-        for task, task_ov in TASKS.items():
-            if seed >= seeds[task]:
-                continue
-            common = BUDGET + task_ov + args.overrides + [f"train.seed={seed}"]
-            done += 1
-            print(f"[study {done}/{todo}] {task}: warm start eval, seed {seed}", flush=True)
-            starts[(task, seed)], walls[("start", task, seed)] = start_eval(args.config, common,
-                                                                             out / task / "start" / f"seed{seed}")
-            for name in (n for n in names if task_of(n) == task):
-                done += 1
-                print(f"[study {done}/{todo}] {name}, seed {seed}", flush=True)
-                run_ov = common + ["eval.at_start=false"] + runs[name]
-                rows[(name, seed)], walls[(name, seed)] = run_one(args.config, run_ov,
-                                                                  out / name.replace(" ", "_") / f"seed{seed}")
-    summ = {(n, s): summarize(starts[(task_of(n), s)], rows[(n, s)], "tiny") for n, s in rows}
-    ok, premise = premise_check(summ, seeds["story"])
-    study_s = sum(walls.values())
-    header = (f"Held-out accuracy on each task's 200 held-out problems (avg@8 and pass@8 at temperature 1) after "
-              f"{load_config(args.config, BUDGET).train.steps} steps of 16 prompts x 8, mean ± std over seeds "
-              f"({seeds['story']} on story, {seeds['arith']} on arith); Δ paired by seed, with the 95% interval over "
-              f"seeds (an effect is named only when it excludes 0). Study wall time {study_s / 60:.1f} min (the sum "
-              f"of every run's, the warm starts' and the start evaluations'; {(time.perf_counter() - t_study) / 60:.1f}"
-              f" min for this call) on {cpu_model()}. Command: `python benchmarks/study.py --config {args.config} "
-              f"--seeds {args.seeds} --arith-seeds {args.arith_seeds}"
-              f"{''.join(' --set ' + o for o in args.overrides)}{' --no-ablations' if args.no_ablations else ''}`.")
-    starts_line = "\n".join(f"{task} warm start: avg@8 {fmt([starts[(task, s)]['eval/tiny/acc'] for s in range(seeds[task])])}"
-                            f", pass@8 {fmt([starts[(task, s)].get('eval/tiny/pass@8') for s in range(seeds[task])])}"
-                            for task in TASKS)
-    text = "\n\n".join([header, premise, starts_line] + [
-        f"**{task}**\n\n" + "\n".join(table(summ, [n for n in names if task_of(n) == task], seeds[task]))
-        for task in TASKS]) + "\n"
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"study_wall_s": study_s, "premise_ok": ok, "walls": {
-        " | ".join(map(str, k)): v for k, v in walls.items()}, "runs": {f"{k[0]}|seed{k[1]}": v for k, v in
-                                                                         summ.items()}}, indent=1))
+        models.model_source(base)  # the task's warm start, built once
+        walls[f"{task} warm start"] = 0.0 if cached else time.perf_counter() - t0
+        print(f"[study] {task}: warm start {'from the cache' if cached else 'built'}", flush=True)
+        p, walls[f"{task} premise (warm start)"] = premise(args.config, TASKS[task] + COMMON + args.overrides,
+                                                           Path(args.out) / task / "premise_start", args.premise_batches)
+        premises.append((task, "warm start", p))
+        if task == "fork" or args.secondary:
+            ckpt, degenerate, burn_rows = burn_in(args.config, task, args, walls)
+            ckpts[task] = ckpt
+            record[f"{task}_gate"] = {"degenerate_last16": degenerate, "passed": degenerate >= GATE,
+                                      "burn_in_acc": [r[KEY] for r in burn_rows if KEY in r]}
+            p2, walls[f"{task} premise (branch point)"] = premise(
+                args.config, TASKS[task] + COMMON + [f"model.name_or_path={ckpt}"] + args.overrides,
+                Path(args.out) / task / "premise_branch", args.premise_batches)
+            premises.append((task, "branch point", p2))
+            report.append(f"{task} burn-in gate: degenerate groups over its last 16 steps {degenerate:.2f} "
+                          f"({'>=' if degenerate >= GATE else '<'} {GATE}: {'PASS' if degenerate >= GATE else 'FAIL'})")
+    lines = list(PREMISE_HEAD)
+    for task, where, p in premises:
+        ok, line = premise_line(task, where, p)
+        lines.append(line)
+        record[f"premise {task} {where}"] = p | {"passed": ok}
+    report.insert(0, "\n".join(lines))
+    done = [0]
+    if not args.secondary:
+        b = branches(args.config, "fork", ckpts["fork"], PRIMARY, args.seeds, args, walls, done)
+        arms = [a for a in PRIMARY if a != "lambda=0"]
+        report.append("**Primary (pre-registered)**: fork, the paper preset, EchoRL's lambda vs off, paired by seed\n\n"
+                      + "\n".join(paired_table(b["acc"], "lambda=0", arms)))
+        record["fork"] = {"acc": b["acc"], "verdicts": {a: verdict([x - y for x, y in zip(b["acc"][a], b["acc"]["lambda=0"])],
+                                                                   MARGIN) for a in arms}}
+        plot_paired(b["acc"], "lambda=0", arms, res_dir / "paired_primary.png",
+                    f"fork: EchoRL vs off, {args.seeds} seeds (paired)")
+    else:
+        arms = {"lambda=0": PRIMARY["lambda=0"], **SECONDARY}
+        b = branches(args.config, "fork", ckpts["fork"], arms, args.secondary_seeds, args, walls, done)
+        report.append(f"**Secondary**: fork, {args.secondary_seeds} seeds (fewer than the primary's), each arm vs "
+                      f"lambda=0 of the same seed\n\n" + "\n".join(paired_table(b["acc"], "lambda=0", list(SECONDARY))))
+        s = branches(args.config, "story", ckpts["story"], STORY_ARMS, args.secondary_seeds, args, walls, done)
+        report.append(f"**Control**: story, {args.secondary_seeds} seeds\n\n"
+                      + "\n".join(paired_table(s["acc"], "lambda=0", ["lambda=0.01"])))
+        record["fork"], record["story"] = {"acc": b["acc"]}, {"acc": s["acc"]}
+        plot_paired(b["acc"], "lambda=0", list(SECONDARY), res_dir / "paired_secondary.png",
+                    f"fork: siblings and ablations vs EchoRL off, {args.secondary_seeds} seeds")
+    total = sum(walls.values())
+    cmd = "python benchmarks/study.py" + (" --secondary" if args.secondary else "") + \
+        "".join(f" --set {o}" for o in args.overrides)
+    head = (f"{part.capitalize()} study: `{cmd}` (code {record['code']}) on {cpu_model()}: "
+            f"{total / 60:.1f} min of runs, warm starts and premise checks ({(time.perf_counter() - t_call) / 60:.1f} "
+            f"min this call). Held-out avg@16 on 200 held-out problems at temperature 1 after "
+            f"{load_config(args.config, BRANCH).train.steps} branch steps of 16 prompts x 8. ± is the SD over seeds; "
+            f"[ ] the 95% interval of the paired mean (exact t quantile); TOST: two one-sided tests at ±{MARGIN}.")
+    text = "\n\n".join([head] + report) + "\n"
+    record["walls_s"], record["total_s"] = walls, total
+    (res_dir / f"{part}.md").write_text(text)
+    (res_dir / f"{part}.json").write_text(json.dumps(record, indent=1))
     print(text)
-    try:
-        from plots import plot_premise, plot_study
-        # every curve starts at its seed's warm-start accuracy (measured once, as step 0)
-        by_name = {n: [[{"step": 0, **starts[(task_of(n), i)]}] + rows[(n, i)] for i in range(seeds[task_of(n)])]
-                   for n in names}
-        for task in TASKS:
-            plot_study({TITLES[m]: {"EchoRL off": by_name[f"{task}/{m}"], "EchoRL on": by_name[f"{task}/{m}+echo"]}
-                        for m in METHODS}, "eval/tiny/acc", out / f"curves_{task}.png")
-        if not args.no_ablations:
-            plot_study({"story: GRPO + EchoRL ablations": {n.split(" ", 1)[-1] if " " in n else "defaults": by_name[n]
-                                                           for n in names if n.startswith("story/grpo+echo")}},
-                       "eval/tiny/acc", out / "curves_ablations.png")
-        plot_premise({task: {"EchoRL off": by_name[f"{task}/grpo"], "EchoRL on": by_name[f"{task}/grpo+echo"]}
-                      for task in TASKS}, "eval/tiny/acc", out / "premise.png")
-        print(f"plots: {out}/*.png")
-    except ImportError as e:
-        print(f"plots skipped: {e}")
+    print(f"per-seed results: {res_dir}/{part}.json")
 
 
 if __name__ == "__main__":

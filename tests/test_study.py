@@ -1,105 +1,84 @@
-"""benchmarks/study.py: the 95% interval and effect labels on worked numbers, one run's summary, the
-table's pairing by seed, the premise check, the plan, and reuse of finished runs."""
+"""benchmarks/stats.py and benchmarks/study.py: the exact t quantile (closed forms and published
+tables, above 10 degrees of freedom too), the paired interval, TOST and the verdicts on worked numbers,
+the premise line, and reuse of finished runs keyed on config and code."""
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import stats  # noqa: E402
 import study  # noqa: E402
 
-KEY = "eval/tiny/acc"
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
 
-def test_interval_is_students_t_over_the_paired_seeds():
-    # mean 0.05, sd 0.01, n = 3: half-width t(0.975, 2) * 0.01 / sqrt(3) = 4.303 * 0.005774 = 0.02484
-    m, h = study.interval([0.05, 0.06, 0.04])
-    assert m == pytest.approx(0.05) and h == pytest.approx(0.024843, abs=1e-6)
-    # n = 5, deltas 0.01..0.05: mean 0.03, sd 0.015811, t(0.975, 4) = 2.776: 2.776 * 0.015811 / sqrt(5)
-    assert study.interval([0.01, 0.02, 0.03, 0.04, 0.05])[1] == pytest.approx(0.019630, abs=1e-6)
-    assert study.interval([0.02]) == (0.02, float("inf"))
+@pytest.mark.parametrize("t", [-3.0, -0.4, 0.0, 0.7, 2.5, 40.0])
+def test_t_cdf_matches_the_closed_forms_for_one_and_two_degrees_of_freedom(t):
+    assert stats.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)         # Cauchy
+    assert stats.t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
 
 
-def test_an_effect_is_named_only_when_the_interval_excludes_zero():
-    assert study.effect([0.05, 0.06, 0.04]) == "+0.050 [+0.025, +0.075] (helps)"
-    assert study.effect([-0.05, -0.06, -0.04]) == "-0.050 [-0.075, -0.025] (hurts)"
-    # mean +0.01, sd 0.04583: half-width 0.1139 -> the interval holds 0
-    assert study.effect([0.05, -0.04, 0.02]) == "+0.010 [-0.104, +0.124] (no detectable effect)"
-    assert study.effect([0.0, 0.0, 0.0]) == "+0.000 (identical)"
-    assert study.effect([0.02]).endswith("(no detectable effect)")  # one seed: no interval
-    assert study.effect([0.05, 0.06, 0.04], "better", "worse").endswith("(better)")
+@pytest.mark.parametrize("p,df,table", [(0.975, 1, 12.7062), (0.975, 9, 2.2622), (0.95, 9, 1.8331),
+                                        (0.975, 11, 2.2010), (0.975, 19, 2.0930), (0.975, 30, 2.0423),
+                                        (0.95, 30, 1.6973), (0.975, 100, 1.9840), (0.995, 15, 2.9467)])
+def test_t_quantile_matches_published_tables_including_above_ten_degrees_of_freedom(p, df, table):
+    assert stats.t_quantile(p, df) == pytest.approx(table, abs=6e-5)
+    assert stats.t_quantile(1 - p, df) == pytest.approx(-table, abs=6e-5)
+    assert stats.t_cdf(stats.t_quantile(p, df), df) == pytest.approx(p, abs=1e-10)     # round trip
 
 
-ROWS = [{"step": 1, "time/step": 2.0, "frac_degenerate": 0.25, "frac_all_success": 0.25, "echo/n_clips": 2.0,
-         "echo/peak_step_entropy": 0.5, "echo/mean_step_entropy": 0.2, "echo/clip_nll": 0.8, "loss_echo": 1e-3},
-        {"step": 2, "time/step": 2.0, "frac_degenerate": 0.5, "frac_all_success": 0.25, "echo/n_clips": 4.0,
-         "echo/peak_step_entropy": 0.4, "probe/echo_over_policy": 0.1},
-        {"step": 3, "time/step": 4.0, "frac_degenerate": 0.75, "frac_all_success": 0.5,
-         "echo/peak_step_entropy": 0.3},
-        {"step": 4, "time/step": 2.0, "frac_degenerate": 1.0, "frac_all_success": 0.75, KEY: 0.6,
-         "eval/tiny/pass@8": 0.9, "echo/peak_step_entropy": 0.2, "echo/clip_nll": 0.4,
-         "probe/echo_over_policy": 0.3, "probe/peak_entropy_change": -0.05}]
+def test_t_quantile_approaches_the_normal_quantile():
+    assert 1.959964 < stats.t_quantile(0.975, 1e6) < 1.96 and stats.t_quantile(0.975, 12) > 2.17
+    with pytest.raises(ValueError, match="p must be in"):
+        stats.t_quantile(1.0, 5)
 
 
-def test_summary_of_one_run():
-    s = study.summarize({KEY: 0.5, "eval/tiny/pass@8": 0.8}, ROWS, "tiny")
-    assert (s["acc_start"], s["pass_start"], s["acc_end"], s["pass_end"]) == (0.5, 0.8, 0.6, 0.9)
-    assert s["frac_degenerate_end"] == 1.0 and s["frac_all_success_end"] == 0.75   # last 25% = the last step
-    assert s["peak_entropy_start"] == 0.5 and s["peak_entropy_end"] == 0.2          # first / last 25%
-    assert s["clip_nll_start"] == 0.8 and s["clip_nll_end"] == 0.4
-    assert s["echo_over_policy"] == pytest.approx(0.2) and s["peak_entropy_change"] == -0.05
-    assert s["clips_per_step"] == pytest.approx(6.0 / 4) and s["sec_per_step"] == pytest.approx(2.5)
+def test_paired_interval_is_students_t_over_the_seeds():
+    # mean 0.05, sd 0.01, n = 3: half-width t(0.975, 2) * 0.01 / sqrt(3) = 4.302653 * 0.0057735 = 0.024841
+    m, h = stats.paired([0.05, 0.06, 0.04])
+    assert m == pytest.approx(0.05) and h == pytest.approx(0.024841, abs=2e-6)
+    # n = 12 (df 11 > 10, no normal fallback): sd of +-0.01 alternating = 0.0104447, t = 2.200985
+    d = [0.01, -0.01] * 6
+    assert stats.paired(d)[1] == pytest.approx(2.200985 * 0.0104447 / math.sqrt(12), abs=2e-6)
+    assert stats.paired([0.02]) == (0.02, float("inf"))
 
 
-def _summ(acc, pass8=0.9, peak=0.5):
-    return {"acc_end": acc, "pass_end": pass8, "frac_degenerate_end": 0.5, "clips_per_step": 1.0, "loss_echo": 2e-6,
-            "peak_entropy_start": peak, "step_entropy_start": 0.2, "clip_nll_start": 0.7, "echo_over_policy": 0.1,
-            "sec_per_step": 1.0}
+def test_tost_p_value_on_worked_numbers():
+    # n = 2, deltas 0.00 and 0.02: mean 0.01, sd 0.0141421, se 0.01; margin 0.02: t statistics +3 and -1 on 1 df:
+    # p = max(1 - F1(3), F1(-1)) = max(0.5 - atan(3)/pi, 0.25) = 0.25 (Cauchy CDF)
+    p, eq = stats.tost([0.0, 0.02], 0.02)
+    assert p == pytest.approx(0.25, abs=1e-12) and not eq
+    # ten seeds alternating +-0.01: mean 0, se 0.0033333: t = +-6 on 9 df -> both tests reject
+    p, eq = stats.tost([0.01, -0.01] * 5, 0.02)
+    assert eq and p < 1e-3
+    assert stats.tost([0.01, 0.01, 0.01], 0.02) == (0.0, True)      # no spread, inside the margin
+    assert stats.tost([0.03, 0.03, 0.03], 0.02) == (1.0, False)
 
 
-def test_table_pairs_each_run_with_its_own_baseline_by_seed():
-    summ = {("story/dapo", 0): _summ(0.50), ("story/dapo", 1): _summ(0.60), ("story/dapo", 2): _summ(0.70),
-            ("story/dapo+echo", 0): _summ(0.40, 0.8), ("story/dapo+echo", 1): _summ(0.50, 0.8),
-            ("story/dapo+echo", 2): _summ(0.60, 0.8),
-            ("story/grpo+echo", 0): _summ(0.5), ("story/grpo+echo", 1): _summ(0.5), ("story/grpo+echo", 2): _summ(0.5),
-            ("story/grpo", 0): _summ(0.5), ("story/grpo", 1): _summ(0.5), ("story/grpo", 2): _summ(0.5),
-            ("story/grpo+echo coef=0.1", 0): _summ(0.6), ("story/grpo+echo coef=0.1", 1): _summ(0.7),
-            ("story/grpo+echo coef=0.1", 2): _summ(0.6)}
-    names = ["story/dapo", "story/dapo+echo", "story/grpo", "story/grpo+echo", "story/grpo+echo coef=0.1"]
-    lines = study.table(summ, names, 3)
-    cells = {n: [c.strip() for c in line.split("|")[1:-1]] for n, line in zip(names, lines[2:])}
-    assert cells["story/dapo"][3] == cells["story/dapo"][5] == ""
-    assert cells["story/dapo+echo"][3] == "-0.100 [-0.100, -0.100] (hurts)"   # every seed -0.10: no spread
-    assert cells["story/dapo+echo"][4] == "-0.100 [-0.100, -0.100] (hurts)"   # pass@8 0.8 vs 0.9
-    # deltas (0.1, 0.2, 0.1): mean 0.133, sd 0.0577, half-width 4.303 * 0.0577 / sqrt(3) = 0.143
-    assert cells["story/grpo+echo coef=0.1"][3] == "+0.133 [-0.010, +0.277] (no detectable effect)"
-    assert cells["story/grpo+echo coef=0.1"][5] == "+0.133 [-0.010, +0.277] (no detectable effect)"
-    assert cells["story/dapo"][1] == "0.600 ± 0.100"
+def test_verdicts():
+    assert stats.verdict([0.05, 0.06, 0.04]) == "helps"
+    assert stats.verdict([-0.05, -0.06, -0.04]) == "hurts"
+    assert stats.verdict([0.01, -0.01] * 5) == "no effect larger than 0.02"
+    assert stats.verdict([0.05, -0.05] * 5) == "undecided"             # 90% interval +-0.0305: not inside +-0.02
+    # a small but clear effect: 95% interval above 0 and the 90% interval inside +-0.02
+    assert stats.verdict([0.005, 0.006, 0.004, 0.005, 0.006, 0.004]) == "helps, by less than 0.02"
+    assert stats.effect([0.0, 0.0]) == "+0.000 (identical)"
+    assert stats.effect([0.05, 0.06, 0.04]).startswith("+0.050 [+0.025, +0.075], TOST p ")
 
 
-def test_premise_check_compares_the_start_of_rl_peak_entropy_with_the_bar():
-    ok, text = study.premise_check({("story/grpo+echo", i): _summ(0.5, peak=p) for i, p in enumerate([0.35, 0.31])}, 2)
-    assert ok and "0.330 nats (>= 0.3: PASS)" in text
-    ok, text = study.premise_check({("story/grpo+echo", 0): _summ(0.5, peak=0.011)}, 1)
-    assert not ok and "FAIL" in text
+def test_premise_line_needs_both_entropy_and_stakes():
+    p = {"clips": 12, "echo/peak_step_entropy": 0.45, "probe/peak_stakes": 0.2, "probe/peak_p_before": 0.7,
+         "probe/peak_p_through": 0.9, "probe/random_stakes": 0.01, "probe/lowest_stakes": 0.0, "frac_all_success": 0.2}
+    assert study.premise_line("fork", "warm start", p)[0]
+    assert not study.premise_line("story", "warm start", p | {"probe/peak_stakes": 0.01})[0]
+    ok, line = study.premise_line("x", "y", p | {"echo/peak_step_entropy": 0.29})
+    assert not ok and line.endswith("FAIL |") and "+0.200" in line
 
 
-def test_plan_runs_every_method_off_and_on_on_both_tasks_and_the_ablations_on_story():
-    runs = study.plan(ablations=True)
-    assert len(runs) == 2 * 2 * len(study.METHODS) + len(study.ABLATIONS) == 24
-    for task in study.TASKS:
-        for m in study.METHODS:
-            assert "echo.enabled=false" in runs[f"{task}/{m}"] and "echo.enabled=true" in runs[f"{task}/{m}+echo"]
-    ablations = [n for n in runs if " " in n]
-    assert ablations and all(n.startswith("story/grpo+echo ") for n in ablations)
-    assert {"echo.select=lowest_entropy", "echo.coef=1.0", "echo.delimiter=sentence", "echo.normalizer=policy"} <= \
-        {o for n in ablations for o in runs[n]}
-    assert len(study.plan(ablations=False)) == 16
-
-
-def test_a_finished_run_is_reused_only_with_the_same_config(tmp_path, monkeypatch):
+def test_a_finished_run_is_reused_only_with_the_same_config_and_code(tmp_path, monkeypatch):
     calls = []
 
     def fake_train(cfg):  # writes what train.train writes: config.json and one metrics row per step
@@ -114,26 +93,31 @@ def test_a_finished_run_is_reused_only_with_the_same_config(tmp_path, monkeypatc
     rows, _ = study.run_one(CONFIG, ov, tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3] and calls == [1]
     study.run_one(CONFIG, ov, tmp_path / "run")
-    assert calls == [1]                                                   # same config: reused
+    assert calls == [1]                                                   # same config and code: reused
+    monkeypatch.setattr(study, "code_hash", lambda: "changed")
+    study.run_one(CONFIG, ov, tmp_path / "run")
+    assert calls == [1, 1]                                                # changed code: run again
     study.run_one(CONFIG, ["train.steps=3", "train.seed=2"], tmp_path / "run")
-    assert calls == [1, 2]                                                # changed config: run again
+    assert calls == [1, 1, 2]                                             # changed config: run again
     (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
     study.run_one(CONFIG, ["train.steps=3", "train.seed=2"], tmp_path / "run")
-    assert calls == [1, 2, 2]                                             # unfinished: run again
+    assert calls == [1, 1, 2, 2]                                          # unfinished: run again
 
 
-def test_seed_mean_uses_the_steps_every_seed_logged():
-    import plots
-    a = [{"step": 0, KEY: 0.4}, {"step": 5, KEY: 0.6}]
-    b = [{"step": 0, KEY: 0.6}, {"step": 3, KEY: 0.9}, {"step": 5, KEY: 0.8}]
-    steps, mean, std = plots._seed_mean([a, b], KEY)
-    assert steps == [0, 5] and mean == pytest.approx([0.5, 0.7]) and std == pytest.approx([2 ** 0.5 * 0.1] * 2)
-    assert plots._smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+def test_code_hash_covers_the_project_sources(tmp_path, monkeypatch):
+    for name in ("a.py", "b.py"):
+        (tmp_path / name).write_text("x = 1\n")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "configs").mkdir()
+    for f in ("benchmarks/study.py", "benchmarks/stats.py", "configs/tiny.yaml"):
+        (tmp_path / f).write_text("")
+    monkeypatch.setattr(study, "ROOT", tmp_path)
+    h = study.code_hash()
+    (tmp_path / "b.py").write_text("x = 2\n")
+    assert study.code_hash() != h
 
 
-def test_plot_premise_writes_a_png(tmp_path):
-    import plots
-    seeds = [ROWS, ROWS]
-    plots.plot_premise({"arith": {"EchoRL off": seeds, "EchoRL on": seeds},
-                        "story": {"EchoRL off": seeds, "EchoRL on": seeds}}, KEY, tmp_path / "p.png")
+def test_plot_paired_writes_a_png(tmp_path):
+    acc = {"lambda=0": [0.5, 0.6, 0.7], "lambda=0.01": [0.52, 0.6, 0.69]}
+    study.plot_paired(acc, "lambda=0", ["lambda=0.01"], tmp_path / "p.png", "t")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

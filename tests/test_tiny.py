@@ -121,3 +121,43 @@ def test_story_habit_boxes_the_first_equations_result():
     first = next(line for line in p.solution.split("\n") if " = " in line).split("= ")[-1]
     habit = tiny.with_habit(p).solution
     assert habit.endswith(f"\\boxed{{{first}}}") and habit.split("\n")[:-1] == p.solution.split("\n")[:-1]
+
+
+# The fork task: one decision line after the first equation (go on / answer), which decides correctness
+
+
+def test_fork_decision_line_says_go_on_exactly_when_operations_remain_and_every_gold_verifies():
+    cfg = tiny.TinyConfig(task="fork", min_ops=1, max_ops=3)
+    problems = tiny.make_split(cfg, 300, "train")
+    assert [p.solution for p in problems[:20]] == [p.solution for p in tiny.make_split(cfg, 20, "train")]
+    for p in problems:
+        lines = p.solution.split("\n")
+        ops = sum(" = " in line for line in lines)
+        assert lines[1] in (tiny.FORK_GO if ops > 1 else tiny.FORK_STOP)
+        assert sum(line in tiny.FORK_GO + tiny.FORK_STOP for line in lines) == 1
+        assert _replay("\n".join(lines[:1] + lines[2:])) == int(p.answer)
+        assert reward.verify(p.solution, p.answer)
+    assert {p.solution.split("\n")[1] for p in problems} == set(tiny.FORK_GO + tiny.FORK_STOP)  # every phrase occurs
+
+
+def test_fork_decision_line_is_its_own_four_token_step():
+    from entropy import delimiter_table, step_ids
+    tok = tiny.build_tokenizer()
+    p = tiny.Problem("x", "q", "19", "8 * 2 = 16\nThen more.\n16 + 3 = 19\n\\boxed{19}")
+    ids = tok(p.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.unk_token_id not in ids and tok.decode(ids[:-1]) == p.solution
+    sids = step_ids(torch.tensor([ids]), torch.ones(1, len(ids)), delimiter_table(tok, "newline"), [tok.eos_token_id],
+                    min_tokens=4)[0].tolist()
+    # "8 * 2 = 16\n" = 7 tokens, "Then more.\n" = 4, "16 + 3 = 19\n" = 8, "\boxed{19}" + EOS = 6
+    assert sids == [0] * 7 + [1] * 4 + [2] * 8 + [3] * 6
+    for phrase in tiny.FORK_GO + tiny.FORK_STOP:
+        assert len(tok(phrase + "\n", add_special_tokens=False)["input_ids"]) == 4
+
+
+def test_fork_habit_answers_after_the_first_equation_and_is_wrong_when_operations_remain():
+    p = tiny.Problem("x", "q", "19", "8 * 2 = 16\nThen more.\n16 + 3 = 19\n\\boxed{19}")
+    habit = tiny.fork_habit(p).solution.split("\n")
+    assert habit[0] == "8 * 2 = 16" and habit[1] in tiny.FORK_STOP and habit[2] == "\\boxed{16}" and len(habit) == 3
+    assert not reward.verify("\n".join(habit), p.answer)
+    one = tiny.Problem("y", "q", "16", "8 * 2 = 16\nThe answer.\n\\boxed{16}")
+    assert tiny.fork_habit(one) == one                                  # one operation: nothing to stop early
