@@ -91,7 +91,9 @@ class AlgoConfig:
     overlong_penalty: float = 1.0
     kl_coef: float = 0.0              # k3 KL to the initial policy; 0 = no reference model
     tis_cap: float | None = None      # truncated importance sampling: per-token loss x min(pi_old / pi_sampler, cap)
-    entropy_coef: float = 0.0         # entropy bonus (the authors' runs use 0.001); 0 = off
+    entropy_coef: float | None = None  # entropy bonus; 0 = off (the `paper` preset: 0.001, the authors' script)
+    zvp_coef: float = 0.0             # RL-ZVP's alpha: zero-variance groups get per-token advantages +-alpha * entropy
+                                      # (losses.zvp_advantages; the paper uses 0.1); 0 = off
 
     def resolved(self) -> "AlgoConfig":
         """A copy with every unset key taken from the preset."""
@@ -161,7 +163,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    algo: AlgoConfig = field(default_factory=lambda: AlgoConfig().resolved())
     echo: EchoConfig = field(default_factory=EchoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -326,7 +328,7 @@ def check(cfg: Config) -> None:
               cfg.log.log_rollouts_every, "log.probe_every": cfg.log.probe_every, "algo.max_sampling_rounds": cfg.algo.max_sampling_rounds,
               "reward.workers": cfg.reward.workers, "train.threads": cfg.train.threads,
               "rollout.slots": cfg.rollout.slots, "algo.kl_coef": cfg.algo.kl_coef,
-              "algo.entropy_coef": cfg.algo.entropy_coef, "echo.coef": cfg.echo.coef,
+              "algo.entropy_coef": cfg.algo.entropy_coef, "algo.zvp_coef": cfg.algo.zvp_coef, "echo.coef": cfg.echo.coef,
               "train.keep_checkpoints": cfg.train.keep_checkpoints}
     for k, v in nonneg.items():
         if v < 0:
@@ -353,6 +355,14 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"config key 'algo.tis_cap' must be > 0 (or null), got {cfg.algo.tis_cap}")
     if cfg.algo.eps_low < 0 or cfg.algo.eps_high < 0:
         raise ConfigError("config keys 'algo.eps_low' and 'algo.eps_high' must be >= 0")
+    if cfg.algo.zvp_coef > 0 and cfg.algo.policy_loss != "ppo_clip":
+        raise ConfigError(f"config key 'algo.zvp_coef' gives per-token advantages, which need algo.policy_loss "
+                          f"'ppo_clip' (got {cfg.algo.policy_loss!r}: one ratio per sequence)")
+    if cfg.algo.zvp_coef > 0 and cfg.algo.dynamic_sampling:
+        raise ConfigError("config key 'algo.zvp_coef' learns from the zero-variance groups that "
+                          "'algo.dynamic_sampling' drops; set algo.dynamic_sampling=false")
+    if cfg.echo.delimiter == "ids" and not cfg.echo.delimiter_ids:
+        raise ConfigError("config key 'echo.delimiter_ids' must list at least one token id for echo.delimiter=ids")
 
 
 def to_dict(cfg: Config) -> dict:

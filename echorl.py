@@ -16,7 +16,7 @@ Everything here is a pure function of tensors so it can be called from a noteboo
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -30,7 +30,10 @@ from metrics import Mean, Sum
 class EchoConfig:
     enabled: bool = True
     coef: float = 0.001                      # lambda; the authors' script uses 1e-3
-    delimiter: Literal["newline", "sentence"] = "newline"
+    delimiter: Literal["newline", "sentence", "ids"] = "newline"  # newline: every token whose text holds a newline
+                                             # (from the vocabulary); ids: exactly the tokens of delimiter_ids
+    delimiter_ids: list[int] = field(default_factory=lambda: [198, 271])  # the authors' newline_token_ids: Qwen2.5's
+                                             # "\n" and "\n\n" (checked against the tokenizer at setup)
     reduce: Literal["mean", "max", "sum"] = "mean"
     select: Literal["peak", "random_step", "full", "lowest_entropy"] = "peak"
     scope: Literal["degenerate", "success"] = "degenerate"  # degenerate: all-correct groups (by the verifier; DAPO's
@@ -43,6 +46,10 @@ class EchoConfig:
     keep_dropped_groups: bool = True         # DAPO: groups dropped by dynamic sampling still feed clips
     normalizer: Literal["clip_tokens", "policy"] = "clip_tokens"  # L_echo: mean over clip tokens, or the policy
                                              # loss's own aggregation and normalisers (the paper is silent)
+
+# Positive-only SFT (RAFT's loss, arXiv 2504.11343: -mean over the tokens of every correct response of log pi) is
+# EchoRL with select=full, clips_per_group=all, scope=success: L_echo = -coef * sum_{correct a, t} log pi / #tokens.
+# RAFT++ (its clipped, importance-weighted form) is a policy loss instead: algo.name=raftpp (losses.adv_positive).
 
 
 def select_clips(correct: torch.Tensor, group: torch.Tensor, response_mask: torch.Tensor,

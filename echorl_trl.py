@@ -92,7 +92,7 @@ class EchoGRPOTrainer(GRPOTrainer):
             raise ValueError(f"echo.normalizer 'policy' has no rule for loss_type {self.loss_type!r}; "
                              f"allowed: {POLICY_NORMALISED}, or echo.normalizer 'clip_tokens'")
         self.echo_reward_index = self.reward_func_names.index(echo_reward) if self.echo.enabled else -1
-        self.echo_delims = delimiter_table(self._tokenizer, self.echo.delimiter)
+        self.echo_delims = delimiter_table(self._tokenizer, self.echo.delimiter, self.echo.delimiter_ids)
         self.echo_generator = torch.Generator().manual_seed(self.args.seed)  # random_step: same draws on every process
         self._echo_rewards: torch.Tensor | None = None  # [N, F] rewards of every process's rows, per function
         self._echo_old: dict | None = None               # set while TRL scores a batch: its old-policy entropies

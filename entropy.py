@@ -142,23 +142,30 @@ def response_logprobs(model, batch, *, temperature: float = 1.0, chunk_size: int
 # ----------------------------------------------------------------------------------------
 # Step segmentation (README: "Design choices", Steps)
 
-def delimiter_table(tokenizer, mode: str = "newline") -> dict[str, torch.Tensor]:
-    """Per-vocabulary boolean tables, derived once from the token strings (no hard-coded ids).
+def delimiter_table(tokenizer, mode: str = "newline", ids: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Per-vocabulary boolean tables, derived once from the token strings (no hard-coded ids but mode "ids"'s).
 
-    newline: the token's text contains '\\n'.  punct_end: text ends with . ? or ! (optionally
-    followed by whitespace); it ends a sentence only if the next token starts with whitespace
-    or the response ends (so '3.5' is not split), and not after an ABBREVIATION ("e.g.").
+    newline: the token's text contains '\\n'.  ids: the delimiters are exactly the token ids `ids` (the EchoRL
+    authors' rule, Qwen2.5's 198 "\\n" and 271 "\\n\\n"); an id outside the vocabulary is a ValueError.
+    punct_end: text ends with . ? or ! (optionally followed by whitespace); it ends a sentence only if the next
+    token starts with whitespace or the response ends (so '3.5' is not split), and not after an ABBREVIATION ("e.g.").
     starts_space: text begins with whitespace.
     blank: the text is whitespace only (not content: leading blanks join the first content step).
     """
-    if mode not in ("newline", "sentence"):
-        raise ValueError(f"unknown step delimiter {mode!r}; allowed: 'newline', 'sentence'")
+    if mode not in ("newline", "sentence", "ids"):
+        raise ValueError(f"unknown step delimiter {mode!r}; allowed: 'newline', 'sentence', 'ids'")
     V = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    if mode == "ids":
+        bad = [i for i in (ids or []) if not 0 <= i < V]
+        if bad or not ids:
+            raise ValueError(f"token ids {bad or ids} are not in the tokenizer's vocabulary (ids 0..{V - 1})")
     texts = [""] * V
     for tok, i in tokenizer.get_vocab().items():
         texts[i] = tokenizer.convert_tokens_to_string([tok])
     special = set(tokenizer.all_special_ids)
     newline = torch.tensor([("\n" in t) and i not in special for i, t in enumerate(texts)])
+    if mode == "ids":
+        newline = torch.zeros(V, dtype=torch.bool).index_fill(0, torch.tensor(ids, dtype=torch.long), True)
     stripped = [t.rstrip(" \t") for t in texts]
     punct_end = torch.tensor([bool(s) and s[-1] in ".?!" and i not in special for i, s in enumerate(stripped)])
     trailing_space = torch.tensor([t != s for t, s in zip(texts, stripped)])

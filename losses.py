@@ -1,7 +1,9 @@
 """Rewards and log-probs in, a scalar loss out: advantages, policy losses, aggregation, KL.
 
-Every method (GRPO, DAPO, Dr.GRPO, RLOO, REINFORCE++, GSPO) is a row of PRESETS: an advantage estimator, a policy loss
-and an aggregation (plus a few flags for DAPO). A new variant is a new small function and a row.
+Every method (GRPO, DAPO, Dr.GRPO, RLOO, REINFORCE++, GSPO, RAFT++, and `paper`, the EchoRL authors' setting) is a
+row of PRESETS: an advantage estimator, a policy loss and an aggregation (plus a few flags for DAPO and the entropy
+bonus). A new variant is a new small function and a row. RL-ZVP (`zvp_advantages`) turns the zero advantages of
+zero-variance groups into per-token ones; it composes with every PPO-clip row.
 
 Micro-batch invariance (README pitfall 4): `aggregate` takes normalisers computed over the
 whole mini-batch (`Norm`), so summing the per-micro-batch losses gives the full-batch loss for
@@ -78,10 +80,46 @@ def adv_reinforce_pp_baseline(rewards, group, eps: float = 1e-6, total=None):
     return a / (var.sqrt() + eps) if n.item() > 1 else a
 
 
+def adv_positive(rewards, group, eps: float = 1e-6, total=None):
+    """RAFT++ (Xiong et al. 2025, arXiv 2504.11343, the RAFT++ objective of Sec. 2): A = 1 on every verified-success
+    response (reward 1.0, reward.py's correct answer), 0 on every other one: a clipped policy gradient on the
+    positives only, no baseline. Under seq-mean-token-mean and PPO clip the loss is the paper's
+    -(1/|D|) sum_a (1/|a|) sum_t min(rho_t, clip(rho_t, 1 - eps, 1 + eps)) * 1[a is correct]."""
+    return (rewards.float() >= 1.0).float()
+
+
 # The advantage table: fn(rewards [B], group [B], eps, total) -> advantages [B]. Group statistics are
 # local to a process (whole groups per rank); `total` is for the rare batch-wide statistic.
 ADVANTAGES = {"grpo": adv_grpo, "drgrpo": adv_drgrpo, "rloo": adv_rloo,
-              "reinforce_pp_baseline": adv_reinforce_pp_baseline}
+              "reinforce_pp_baseline": adv_reinforce_pp_baseline, "positive": adv_positive}
+
+
+def zvp_advantages(adv: torch.Tensor, rewards: torch.Tensor, correct: torch.Tensor, group: torch.Tensor,
+                   entropies: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """RL-ZVP (Le et al. 2025, arXiv 2509.21880, Eq. 5): per-token advantages [B, R] that give zero-variance
+    groups (every reward of the group equal, so `adv` is 0 there) a signed, entropy-scaled signal:
+
+        all correct:  A_t = alpha * H_t                      (confident tokens move least)
+        all wrong:    A_t = -alpha * (max_k H_k - H_t)       (max over the response's own tokens: confident
+                                                              tokens of a wrong response are pushed down most)
+
+    H_t is the token entropy of the policy that sampled the batch, a constant (no gradient flows through it).
+    Every other row keeps its sequence advantage on each of its tokens. adv, rewards, correct, group [B];
+    entropies, mask [B, R]. A zero-variance group that is neither all correct nor all wrong (equal shaped
+    rewards) keeps 0."""
+    _, std, _ = _group_stats(rewards, group)                      # exactly 0 on zero-variance groups
+    _, g = torch.unique(group, return_inverse=True)
+    n = int(g.max()) + 1 if g.numel() else 0
+    c = correct.long()
+    all_right = torch.ones(n, dtype=torch.long, device=c.device).scatter_reduce(0, g, c, "amin")[g] == 1
+    all_wrong = torch.zeros(n, dtype=torch.long, device=c.device).scatter_reduce(0, g, c, "amax")[g] == 0
+    valid = mask > 0
+    H = entropies.detach().float().masked_fill(~valid, 0.0)                       # [B, R]
+    h_max = H.masked_fill(~valid, float("-inf")).amax(-1, keepdim=True).clamp_min(0.0)  # [B, 1]
+    zv = (std == 0)[:, None]
+    out = torch.where(zv & all_right[:, None], alpha * H, adv.float()[:, None].expand_as(H))
+    out = torch.where(zv & all_wrong[:, None], -alpha * (h_max - H), out)
+    return out * valid
 
 
 def constant_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -107,9 +145,10 @@ def ppo_clip_loss(logp, old_logp, adv, mask, eps_low: float, eps_high: float, du
     """PPO clip with asymmetric eps (DAPO clip-higher) and optional dual clip (c > 1).
 
     loss_t = max(-A rho_t, -A clip(rho_t, 1 - eps_low, 1 + eps_high)); with dual clip, for A < 0
-    the loss is also capped at -A * c.  logp, old_logp, mask [B, T]; adv [B].
+    the loss is also capped at -A * c.  logp, old_logp, mask [B, T]; adv [B] (one per sequence) or [B, T]
+    (one per token: `zvp_advantages`).
     """
-    A = adv[:, None].to(logp.dtype)
+    A = (adv[:, None] if adv.dim() == 1 else adv).to(logp.dtype)
     ratio = torch.exp(logp - old_logp)                                           # [B, T]
     loss1, loss2 = -A * ratio, -A * ratio.clamp(1 - eps_low, 1 + eps_high)
     loss = torch.maximum(loss1, loss2)
@@ -142,7 +181,7 @@ def gspo_loss(logp, old_logp, adv, mask, eps_low: float, eps_high: float, dual_c
 
 # The policy-loss table. A loss is a function
 #     (logp, old_logp, adv, mask, eps_low, eps_high, dual_clip) -> (loss_tok, stats)
-# with logp, old_logp, mask [B, T] (logp carries the gradient), adv [B]; it returns the per-token loss
+# with logp, old_logp, mask [B, T] (logp carries the gradient), adv [B] (ppo_clip also takes [B, T]); it returns the per-token loss
 # loss_tok [B, T] (aggregated by `aggregate` under the method's aggregation) and stats, a dict of
 # per-token float indicators [B, T]: "clip_low" and "clip_high" (the token's ratio was clipped below /
 # above; logged as fractions of the policy tokens) and "ratio" (detached). A new loss is a function
@@ -198,17 +237,23 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 PRESETS = {
     "grpo": dict(advantage="grpo", policy_loss="ppo_clip", aggregation="seq-mean-token-mean",
-                 eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0),
+                 eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0, entropy_coef=0.0),
     "dapo": dict(advantage="grpo", policy_loss="ppo_clip", aggregation="token-mean",
-                 eps_low=0.2, eps_high=0.28, dynamic_sampling=True, overlong_buffer=-1),  # -1: max_len // 4
+                 eps_low=0.2, eps_high=0.28, dynamic_sampling=True, overlong_buffer=-1, entropy_coef=0.0),  # -1: max_len // 4
     "drgrpo": dict(advantage="drgrpo", policy_loss="ppo_clip", aggregation="seq-mean-token-sum-norm",
-                   eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0),
+                   eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0, entropy_coef=0.0),
     "rloo": dict(advantage="rloo", policy_loss="ppo_clip", aggregation="token-mean",
-                 eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0),
+                 eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0, entropy_coef=0.0),
     "reinforce_pp": dict(advantage="reinforce_pp_baseline", policy_loss="ppo_clip", aggregation="token-mean",
-                         eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0),
+                         eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0, entropy_coef=0.0),
     "gspo": dict(advantage="grpo", policy_loss="gspo", aggregation="seq-mean-token-mean",
-                 eps_low=3e-4, eps_high=4e-4, dynamic_sampling=False, overlong_buffer=0),
+                 eps_low=3e-4, eps_high=4e-4, dynamic_sampling=False, overlong_buffer=0, entropy_coef=0.0),
+    "raftpp": dict(advantage="positive", policy_loss="ppo_clip", aggregation="seq-mean-token-mean",
+                   eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0, entropy_coef=0.0),
+    # The EchoRL authors' script (verl): grpo_use_std=False (Dr. GRPO's r - mean_g), PPO clip 0.2,
+    # loss_remove_token_mean=True (a token sum over a constant length), entropy_coeff=0.001, no KL.
+    "paper": dict(advantage="drgrpo", policy_loss="ppo_clip", aggregation="seq-mean-token-sum-norm",
+                  eps_low=0.2, eps_high=0.2, dynamic_sampling=False, overlong_buffer=0, entropy_coef=0.001),
 }
 
 

@@ -39,7 +39,7 @@ class Rollout:
     # Filled by later stages of the loop (train.py); None until then.
     correct: torch.Tensor | None = None        # [B] bool, verifier said yes
     rewards: torch.Tensor | None = None        # [B] float, after shaping
-    advantages: torch.Tensor | None = None     # [B] float
+    advantages: torch.Tensor | None = None     # [B] float, or [B, R] per token (algo.zvp_coef)
     in_policy: torch.Tensor | None = None      # [B] float, 0 for rows kept only to feed EchoClips
     old_logprobs: torch.Tensor | None = None   # [B, R]
     ref_logprobs: torch.Tensor | None = None   # [B, R]

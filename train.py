@@ -1,7 +1,7 @@
 """EchoRL training: one RLVR step in named stages, and the loop that runs them.
 
-    problems ─► sample ─► score ─► advantages ─► old_policy ─► echo_clips ─► update
-               sampler.py reward.py  losses.py    entropy.py    echorl.py     losses.py + echorl.py
+    problems ─► sample ─► score ─► old_policy ─► advantages ─► echo_clips ─► update
+               sampler.py reward.py  entropy.py    losses.py     echorl.py     losses.py + echorl.py
 
 `train_step(run)` runs the stages once. `collect(run)` samples and scores a step's batch (DAPO's
 dynamic sampling refills it); every stage after it is `stage(run, batch) -> stats`, reading and
@@ -43,7 +43,8 @@ from dist import World, even_out
 from entropy import delimiter_table
 from eval import evaluate_run, load_benchmarks, longest_row
 from hf_generate import generate_hf
-from losses import ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss, tis_weights
+from losses import (ADVANTAGES, Norm, aggregate, constant_groups, kl_k3, overlong_penalty, policy_loss, tis_weights,
+                    zvp_advantages)
 from metrics import Max, Sum
 from models import autocast, count_parameters, load_policy, model_source, resolve_device, rollout_dtype
 from packing import response_logprobs
@@ -95,10 +96,10 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     batch, stats = collect(run)
-    with timer(stats, "time/advantages"):
-        stats |= compute_advantages(run, batch)
     with timer(stats, "time/old_logprobs"):
         stats |= old_policy(run, batch)
+    with timer(stats, "time/advantages"):
+        stats |= compute_advantages(run, batch)
     if run.cfg.echo.enabled:  # EchoRL: the clips of the all-correct groups
         with timer(stats, "time/echo_select"):
             stats |= echorl.echo_clips(run, batch)
@@ -243,12 +244,18 @@ def group_stats(correct: torch.Tensor, rewards: torch.Tensor, G: int) -> dict:
 
 def compute_advantages(run: Run, batch: Rollout) -> dict:
     """Group-relative advantages of the policy rows (losses.ADVANTAGES). Rows outside the policy loss
-    get 0 and stay out of every batch statistic (REINFORCE++'s whitening, taken over all ranks' rows)."""
-    pol = batch.in_policy > 0
+    get 0 and stay out of every batch statistic (REINFORCE++'s whitening, taken over all ranks' rows).
+    With algo.zvp_coef (RL-ZVP) they become per-token [B, R], from the old policy's token entropies."""
+    algo, pol = run.cfg.algo, batch.in_policy > 0
     adv = torch.zeros_like(batch.rewards)
     total = run.world.sum if run.world.size > 1 else None
     if pol.any() or total is not None:  # under torchrun every rank joins the batch-wide sums, rows or not
-        adv[pol] = ADVANTAGES[run.cfg.algo.advantage](batch.rewards[pol], batch.group[pol], total=total)
+        adv[pol] = ADVANTAGES[algo.advantage](batch.rewards[pol], batch.group[pol], total=total)
+    if algo.zvp_coef > 0:
+        tok = torch.zeros_like(batch.entropies, dtype=torch.float)                     # [B, R]
+        tok[pol] = zvp_advantages(adv[pol], batch.rewards[pol], batch.correct[pol], batch.group[pol],
+                                  batch.entropies[pol], batch.response_mask[pol], algo.zvp_coef)
+        adv = tok
     batch.advantages = adv
     return {}
 
@@ -465,11 +472,19 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
         sampler = Sampler(weights or model, tok, slots=cfg.rollout.slots, compile=compiled,
                           max_len=longest_row(cfg, tok, questions))
     run = Run(cfg=cfg, model=model, tok=tok, opt=opt, sched=sched, stream=stream, reward_fn=reward_fn,
-              ref_model=ref_model, delims=delimiter_table(tok, cfg.echo.delimiter), eos=eos_ids(tok, model),
+              ref_model=ref_model, delims=step_delimiters(tok, cfg), eos=eos_ids(tok, model),
               sampling_weights=weights, sampler=sampler, world=world)
     if checkpoint is not None:
         run.step = load_checkpoint(checkpoint, run)
     return run
+
+
+def step_delimiters(tok, cfg: Config) -> dict:
+    """entropy.delimiter_table of echo.delimiter; echo.delimiter_ids are checked here, where the vocabulary is known."""
+    try:
+        return delimiter_table(tok, cfg.echo.delimiter, cfg.echo.delimiter_ids)
+    except ValueError as e:
+        raise ConfigError(f"config key 'echo.delimiter_ids': {e}") from None
 
 
 def train_stream(cfg: Config):

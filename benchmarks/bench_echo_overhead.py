@@ -2,8 +2,8 @@
 
 Target: EchoRL on costs at most 1.03x the time and 1.01x the memory of a step without it.
 
-One batch of rollouts goes through the stages of train.train_step once (collect, advantages,
-old policy). Then, on the same rollouts and from the same model + optimizer state:
+One batch of rollouts goes through the stages of train.train_step once (collect, old
+policy, advantages). Then, on the same rollouts and from the same model + optimizer state:
     off  train.update with echo disabled
     on   echorl.echo_clips (step ids + select_clips) + train.update with the echo loss
 Runs are interleaved (off, on, off, on, ...) so drift in machine load hits both alike.
@@ -85,8 +85,8 @@ def prepare(cfg, hand: bool):
     import train
     run = train.setup(cfg, reward_fn=hand_reward_fn(cfg.rollout.group_size) if hand else None)
     batch, _ = train.collect(run)
-    train.compute_advantages(run, batch)
     train.old_policy(run, batch)
+    train.compute_advantages(run, batch)
     snap_model = copy.deepcopy(run.model.state_dict())
     off = copy.deepcopy(cfg)
     off.echo.enabled = False

@@ -68,3 +68,42 @@ def test_config_file_problems_name_the_file_and_position(tmp_path):
 def test_bad_values_are_refused_when_the_config_loads(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*TINY, override])
+
+
+def test_entropy_bonus_comes_from_the_preset_and_an_explicit_value_wins():
+    assert load_config(None, [*TINY, "algo.name=paper"]).algo.entropy_coef == 0.001
+    assert load_config(None, [*TINY, "algo.name=grpo"]).algo.entropy_coef == 0.0
+    assert load_config(None, [*TINY, "algo.name=paper", "algo.entropy_coef=0"]).algo.entropy_coef == 0.0
+    assert load_config(None, [*TINY, "algo.name=grpo", "algo.entropy_coef=0.01"]).algo.entropy_coef == 0.01
+    with pytest.raises(ConfigError, match=r"'algo.entropy_coef' must be >= 0"):
+        load_config(None, [*TINY, "algo.entropy_coef=-0.1"])
+
+
+def test_zvp_coef_is_refused_where_per_token_advantages_or_zero_variance_groups_are_missing():
+    assert load_config(None, [*TINY, "algo.zvp_coef=0.1"]).algo.zvp_coef == 0.1
+    with pytest.raises(ConfigError, match=r"'algo.zvp_coef' must be >= 0"):
+        load_config(None, [*TINY, "algo.zvp_coef=-1"])
+    with pytest.raises(ConfigError, match=r"'algo.zvp_coef'.*'ppo_clip'.*'gspo'"):
+        load_config(None, [*TINY, "algo.name=gspo", "algo.zvp_coef=0.1"])
+    with pytest.raises(ConfigError, match=r"'algo.zvp_coef'.*'algo.dynamic_sampling'"):
+        load_config(None, [*TINY, "algo.name=dapo", "algo.zvp_coef=0.1"])
+
+
+def test_delimiter_ids_default_to_the_authors_newline_ids_and_must_not_be_empty():
+    c = load_config(None, [*TINY, "echo.delimiter=ids"])
+    assert c.echo.delimiter_ids == [198, 271]
+    assert load_config(None, [*TINY, "echo.delimiter=ids", "echo.delimiter_ids=[5, 7]"]).echo.delimiter_ids == [5, 7]
+    with pytest.raises(ConfigError, match=r"'echo.delimiter_ids' must list at least one"):
+        load_config(None, [*TINY, "echo.delimiter=ids", "echo.delimiter_ids=[]"])
+    with pytest.raises(ConfigError, match=r"'echo.delimiter_ids': expected an integer"):
+        load_config(None, [*TINY, "echo.delimiter_ids=[a]"])
+
+
+def test_qwen7b_config_is_the_authors_setting():
+    from pathlib import Path
+    c = load_config(Path(__file__).resolve().parents[1] / "configs" / "qwen7b.yaml")
+    assert c.algo.name == "paper" and c.algo.advantage == "drgrpo" and c.algo.entropy_coef == 0.001
+    assert c.algo.aggregation == "seq-mean-token-sum-norm" and c.algo.kl_coef == 0.0
+    # 128 prompts x 8 per step, PPO mini-batches of 64 prompts: two optimizer steps per batch
+    assert (c.rollout.prompts_per_step, c.rollout.group_size, c.train.mini_batches) == (128, 8, 2)
+    assert c.train.lr == 1e-6 and c.rollout.max_new_tokens == 8192 and c.echo.coef == 0.001

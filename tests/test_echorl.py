@@ -306,3 +306,51 @@ def test_row_uniforms_depend_on_the_row_key_not_on_its_position_in_the_batch():
     b = row_uniforms(0, 3, ["p2/0", "p1/0"])
     assert a[0] == b[1] and a[2] == b[0] and a[0] != a[1]
     assert ((a >= 0) & (a < 1)).all() and row_uniforms(1, 3, ["p1/0"])[0] != a[0]
+
+
+# ----------------------------------------------------------------------------------------
+# The authors' step rule (echo.delimiter: ids) and positive-only SFT
+
+
+def test_delimiter_ids_end_steps_exactly_at_the_listed_ids(tok_model):
+    from entropy import delimiter_table, step_ids
+    tok, _ = tok_model
+    eos = [tok.eos_token_id]
+    nl = tok("\n", add_special_tokens=False).input_ids[-1]
+    # " 1 + 2 = 3 \n 4 <eos>" as ids; the delimiters are ' +' (14) and ' =' (18), the newline is not one
+    resp = torch.tensor([[5, 14, 6, 18, 7, nl, 8, tok.eos_token_id]])
+    mask = torch.ones_like(resp, dtype=torch.float)
+    # a step ends at each delimiter followed by content: after position 1 and after position 3
+    sids = step_ids(resp, mask, delimiter_table(tok, "ids", [14, 18]), eos, min_tokens=1)
+    assert sids.tolist() == [[0, 0, 1, 1, 2, 2, 2, 2]]
+    # the vocabulary-derived rule splits only at the newline (position 5)
+    assert step_ids(resp, mask, delimiter_table(tok, "newline"), eos, min_tokens=1).tolist() == [[0] * 6 + [1] * 2]
+
+
+def test_delimiter_ids_outside_the_vocabulary_are_a_config_error_at_setup(tok_model):
+    import train
+    from config import ConfigError, load_config
+    from conftest import TINY
+    tok, _ = tok_model
+    V = len(tok)
+    cfg = load_config(None, [*TINY, "echo.delimiter=ids", f"echo.delimiter_ids=[14, {V}]"])
+    with pytest.raises(ConfigError, match=rf"'echo.delimiter_ids'.*\[{V}\].*vocabulary"):
+        train.step_delimiters(tok, cfg)
+    ok = load_config(None, [*TINY, "echo.delimiter=ids", "echo.delimiter_ids=[14, 18]"])
+    assert train.step_delimiters(tok, ok)["newline"].nonzero().flatten().tolist() == [14, 18]
+
+
+def test_positive_only_sft_is_echo_full_all_success_and_its_loss_is_the_mean_correct_token_nll():
+    # Positive-only SFT (RAFT, arXiv 2504.11343): L = -coef * sum over correct responses' tokens of log p / #tokens.
+    # group 0 = (correct 3 tokens, wrong 2 tokens), group 1 = (correct 2 tokens, correct 1 token): every correct
+    # response is taken whole, in a mixed group too: 3 + 2 + 1 = 6 tokens.
+    mask = [[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]]
+    ent = [[0.5, 2.0, 0.1], [1.0, 1.0, 0.0], [3.0, 0.2, 0.0], [0.7, 0.0, 0.0]]
+    sids = [[0, 1, 1], [0, 0, -1], [0, 1, -1], [0, -1, -1]]
+    clip, stats = run([True, False, True, True], [0, 0, 1, 1], mask, ent, sids,
+                      select="full", clips_per_group="all", scope="success")
+    assert clip.tolist() == [[1.0, 1, 1], [0, 0, 0], [1, 1, 0], [1, 0, 0]]
+    assert stats["echo/n_clips"] == 3.0
+    logp = torch.tensor([[-0.1, -0.2, -0.3], [-5.0, -5.0, 0.0], [-0.4, -0.5, 0.0], [-0.6, 0.0, 0.0]])
+    # -(0.1 + 0.2 + 0.3 + 0.4 + 0.5 + 0.6) / 6 * -coef  ->  coef 0.5: 0.5 * 2.1 / 6 = 0.175
+    assert echo_loss(logp, clip, coef=0.5).item() == pytest.approx(0.175, abs=1e-7)

@@ -10,7 +10,7 @@ import torch
 
 from config import AlgoConfig
 from losses import (ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, PRESETS, Norm, tis_weights, adv_grpo, aggregate, gspo_loss, kl_k3,
-                    overlong_penalty, policy_loss, ppo_clip_loss)
+                    overlong_penalty, policy_loss, ppo_clip_loss, zvp_advantages)
 
 # Two groups of 4: one mixed, one all-success (advantage-degenerate).
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
@@ -30,7 +30,11 @@ EXPECTED_ADV = {
     "rloo": [2 / 3, -2 / 3, -2 / 3, 2 / 3] + [0.0] * 4,
     # +-0.5 / (0.37796 + 1e-6) = +-1.32287
     "reinforce_pp_baseline": [s * 0.5 / (SQRT_SEVENTH + EPS) for s in (1, -1, -1, 1)] + [0.0] * 4,
+    # RAFT++: 1 on every correct response, the all-success group's included (no baseline)
+    "positive": [1.0, 0.0, 0.0, 1.0] + [1.0] * 4,
 }
+# Advantages relative to the group (zero on a group of equal rewards); RAFT++'s is not, by design.
+GROUP_RELATIVE = sorted(set(ADVANTAGES) - {"positive"})
 
 
 # ----------------------------------------------------------------------------------------
@@ -59,7 +63,7 @@ def test_unsorted_noncontiguous_group_ids_give_the_same_per_row_advantage(mode):
     assert torch.allclose(adv, torch.tensor(EXPECTED_ADV[mode])[perm], atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", sorted(ADVANTAGES))
+@pytest.mark.parametrize("mode", GROUP_RELATIVE)
 def test_zero_std_groups_get_exactly_zero_advantage(mode):
     # all-success and all-fail groups beside a mixed one
     rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0])
@@ -69,14 +73,14 @@ def test_zero_std_groups_get_exactly_zero_advantage(mode):
     assert (adv[8:] != 0).all()
 
 
-@pytest.mark.parametrize("mode", sorted(ADVANTAGES))
+@pytest.mark.parametrize("mode", GROUP_RELATIVE)
 def test_batch_of_only_degenerate_groups_gets_exactly_zero_advantage(mode):
     # reinforce_pp whitening divides by a batch std of 0 here: must give 0, not nan
     adv = ADVANTAGES[mode](torch.tensor([1.0] * 4 + [0.0] * 4), torch.tensor([0] * 4 + [1] * 4))
     assert torch.equal(adv, torch.zeros(8))
 
 
-@pytest.mark.parametrize("mode", sorted(ADVANTAGES))
+@pytest.mark.parametrize("mode", GROUP_RELATIVE)
 def test_group_of_equal_fractional_rewards_gets_exactly_zero_advantage(mode):
     # DAPO shaping: 8 correct rollouts, each 40 tokens long with max_len 48 and buffer 12, all get
     # 1 - (40 - 36) / 12 = 2/3. The group's rewards are identical, so its std is 0 and every
@@ -370,6 +374,8 @@ def test_a_new_policy_loss_is_a_function_and_a_table_row(monkeypatch):
     ("rloo", "rloo", "ppo_clip", "token-mean", 0.2, 0.2),
     ("reinforce_pp", "reinforce_pp_baseline", "ppo_clip", "token-mean", 0.2, 0.2),
     ("gspo", "grpo", "gspo", "seq-mean-token-mean", 3e-4, 4e-4),
+    ("raftpp", "positive", "ppo_clip", "seq-mean-token-mean", 0.2, 0.2),
+    ("paper", "drgrpo", "ppo_clip", "seq-mean-token-sum-norm", 0.2, 0.2),
 ])
 def test_presets_match_the_method_table(name, advantage, policy, aggregation, eps_low, eps_high):
     p = PRESETS[name]
@@ -446,3 +452,89 @@ def test_gspo_with_tis_scales_each_sequence_by_the_mean_of_its_tokens_weights():
     assert float(loss.detach()) == pytest.approx(0.625)
     loss.backward()
     assert logp.grad[0].tolist() == pytest.approx([-0.1875, -0.1875])
+
+
+# ----------------------------------------------------------------------------------------
+# The authors' setting, RAFT++ and RL-ZVP
+
+
+def test_paper_preset_is_the_authors_script_and_only_it_has_an_entropy_bonus():
+    # grpo_use_std=False -> r - mean_g; PPO clip 0.2; loss_remove_token_mean=True -> sum / (n * L_max);
+    # entropy_coeff=0.001; no dynamic sampling, no overlong shaping
+    p = PRESETS["paper"]
+    assert p["advantage"] == "drgrpo" and p["aggregation"] == "seq-mean-token-sum-norm"
+    assert (p["eps_low"], p["eps_high"], p["entropy_coef"]) == (0.2, 0.2, 0.001)
+    assert p["dynamic_sampling"] is False and p["overlong_buffer"] == 0
+    assert AlgoConfig(name="paper").resolved().entropy_coef == 0.001
+    for name in set(PRESETS) - {"paper"}:
+        assert AlgoConfig(name=name).resolved().entropy_coef == 0.0, name
+
+
+def test_raftpp_loss_is_the_clipped_ratio_averaged_over_each_correct_responses_tokens():
+    # RAFT++ (arXiv 2504.11343, Sec. 2): -(1/|D|) sum_a (1/|a|) sum_t min(rho_t, clip(rho_t, 0.8, 1.2)) 1[a correct]
+    # row 0 correct, ratios 1.1 and 1.5 -> min(1.1, 1.1) = 1.1, min(1.5, 1.2) = 1.2, token mean 1.15
+    # row 1 wrong (A = 0) counts in |D| = 2: loss = -(1.15 + 0) / 2 = -0.575
+    p = PRESETS["raftpp"]
+    adv = ADVANTAGES[p["advantage"]](torch.tensor([1.0, 0.0]), torch.tensor([0, 0]))
+    assert adv.tolist() == [1.0, 0.0]
+    old = torch.tensor([[-1.0, -2.0], [-1.0, -1.0]])
+    logp = old + torch.log(torch.tensor([[1.1, 1.5], [0.5, 1.0]]))
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, _ = policy_loss(logp, old, adv, mask, policy_loss=p["policy_loss"], aggregation=p["aggregation"],
+                          eps_low=p["eps_low"], eps_high=p["eps_high"], norm=Norm.of(mask, 2))
+    assert loss.item() == pytest.approx(-0.575, abs=1e-6)
+
+
+def _zvp_case():
+    """Three groups of 2: all correct, all wrong, mixed; responses of 3, 2, 3, 2, 3, 3 tokens."""
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    correct = rewards > 0
+    group = torch.tensor([0, 0, 1, 1, 2, 2])
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]])
+    ent = torch.tensor([[0.5, 1.0, 2.0], [0.2, 0.4, 9.0], [1.0, 3.0, 0.5], [0.6, 0.9, 5.0],
+                        [0.3, 0.3, 0.3], [0.3, 0.3, 0.3]])   # 9.0 and 5.0 sit on padding
+    return rewards, correct, group, mask, ent
+
+
+def test_zvp_advantages_are_signed_entropy_scaled_on_zero_variance_groups_only():
+    # RL-ZVP (arXiv 2509.21880, Eq. 5), alpha = 0.1:
+    #   all correct: A_t = 0.1 * H_t: [0.05, 0.1, 0.2] and [0.02, 0.04, pad 0]
+    #   all wrong:   A_t = -0.1 * (max_k H_k - H_t), max over the response's own tokens:
+    #     row 2: max 3.0 -> [-0.2, 0, -0.25]; row 3: max 0.9 (5.0 is padding) -> [-0.03, 0, pad 0]
+    #   mixed (Dr. GRPO): r - mean = +-0.5 on every token
+    rewards, correct, group, mask, ent = _zvp_case()
+    ent = ent.requires_grad_(True)
+    adv = ADVANTAGES["drgrpo"](rewards, group)
+    got = zvp_advantages(adv, rewards, correct, group, ent, mask, alpha=0.1)
+    want = torch.tensor([[0.05, 0.1, 0.2], [0.02, 0.04, 0.0], [-0.2, 0.0, -0.25], [-0.03, 0.0, 0.0],
+                         [0.5, 0.5, 0.5], [-0.5, -0.5, -0.5]])
+    assert torch.allclose(got, want, atol=1e-7)
+    assert not got.requires_grad  # the entropy is a constant weight
+
+
+def test_ppo_clip_takes_one_advantage_per_token():
+    # ratios (1, 0.5, 1.5), A = (0.2, -0.25, 0.1), eps 0.2:
+    #   -0.2 * 1 = -0.2 ; max(0.25 * 0.5, 0.25 * 0.8) = 0.2 ; max(-0.1 * 1.5, -0.1 * 1.2) = -0.12
+    #   token mean = (-0.2 + 0.2 - 0.12) / 3 = -0.04
+    old = torch.tensor([[-1.0, -1.0, -1.0]])
+    logp = old + torch.log(torch.tensor([[1.0, 0.5, 1.5]]))
+    mask = torch.ones(1, 3)
+    loss, stats = policy_loss(logp, old, torch.tensor([[0.2, -0.25, 0.1]]), mask, policy_loss="ppo_clip",
+                              aggregation="token-mean", eps_low=0.2, eps_high=0.2, norm=Norm.of(mask, 3))
+    assert loss.item() == pytest.approx(-0.04, abs=1e-6)
+    assert stats["clip_low"].item() == 1 and stats["clip_high"].item() == 1
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("n_micro", [2, 4])
+def test_per_token_advantages_keep_the_loss_invariant_to_micro_batch_split(aggregation, n_micro):
+    logp, old, mask = _batch_of_four()
+    adv = torch.linspace(-1.0, 1.0, 20, dtype=torch.float64).view(4, 5)
+    kw = dict(policy_loss="ppo_clip", aggregation=aggregation, eps_low=0.2, eps_high=0.28, norm=Norm.of(mask, 5))
+    full_leaf = logp.clone().requires_grad_(True)
+    full, _ = policy_loss(full_leaf, old, adv, mask, **kw)
+    full.backward()
+    leaf = logp.clone().requires_grad_(True)
+    total = sum(policy_loss(leaf[s], old[s], adv[s], mask[s], **kw)[0] for s in SPLITS[n_micro])
+    total.backward()
+    assert torch.allclose(total, full, atol=1e-10) and torch.allclose(leaf.grad, full_leaf.grad, atol=1e-10)

@@ -25,8 +25,8 @@ def prepared_batch(model_dir, tmp_path, *extra, rewards=(1, 0, 0, 1, 1, 1, 0, 1)
     cfg = small_cfg(model_dir, tmp_path, "reward.truncated=score", *extra)  # random text never stops
     run = train.setup(cfg, reward_fn=scripted(rewards))
     batch, _ = train.collect(run)
-    train.compute_advantages(run, batch)
     train.old_policy(run, batch)
+    train.compute_advantages(run, batch)
     if cfg.echo.enabled:
         echorl.echo_clips(run, batch)
     return run, batch
@@ -342,6 +342,19 @@ def test_entropy_bonus_raises_the_policy_entropy(model_dir, tmp_path):
     with torch.no_grad():
         _, ent = response_logprobs(run.model, batch, temperature=1.0, with_entropy=True)
     assert float((ent * m).sum() / m.sum()) > before
+
+
+def test_zvp_gives_an_all_correct_batch_a_policy_loss_of_minus_alpha_times_the_mean_entropy(model_dir, tmp_path):
+    """RL-ZVP on a batch whose groups are all correct: every token's advantage is alpha * H_t (the old
+    policy's entropy), so at ratio 1 the GRPO loss (seq-mean-token-mean) is -alpha * mean over rows of each
+    row's mean token entropy, where plain GRPO would have 0."""
+    run, batch = prepared_batch(model_dir, tmp_path, "echo.enabled=false", "algo.zvp_coef=0.1", rewards=(1,) * 8)
+    m = batch.response_mask
+    assert batch.advantages.shape == m.shape
+    want = -0.1 * float(((batch.entropies * m).sum(-1) / m.sum(-1)).mean())
+    stats = accumulate(run, batch)
+    assert float(stats["loss_pg"]) == pytest.approx(want, rel=1e-5) and want < 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in run.model.parameters())
 
 
 def test_ppo_epochs_take_epochs_x_mini_batches_optimizer_steps_on_the_same_rollouts(model_dir, tmp_path):
