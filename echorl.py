@@ -146,8 +146,8 @@ def probe_update(run, batch, micro: list[torch.Tensor], forward, rl_loss) -> dic
     """The probes that run before the update (train.py's hook, log.probe_every): EchoRL's gradient share
     (`probe_gradients`), the effect of an echo-only and of a policy-only optimizer step on the peak step
     (`probe_split_steps`), and the stakes of the peak step (`probe_stakes`, log.stakes_samples > 0).
-    They work on copies: the model, the optimizer and the global RNG streams leave as they came, so the
-    update that follows is bit-identical with probes on or off."""
+    They work on copies: the weights, the optimizer's state and the global RNG streams leave as they came,
+    so the update that follows is bit-identical with probes on or off (tests/test_probes.py)."""
     cuda = next(run.model.parameters()).is_cuda
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
         grads, stats = _probe_grads(run, batch, micro, forward, rl_loss)
