@@ -326,8 +326,9 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"config key '{k}' must be > 0, got {v}")
     nonneg = {"train.save_every": cfg.train.save_every, "train.warmup_steps": cfg.train.warmup_steps,
               "eval.every": cfg.eval.every, "eval.limit": cfg.eval.limit, "log.log_rollouts_every":
-              cfg.log.log_rollouts_every, "log.probe_every": cfg.log.probe_every, "log.stakes_samples": cfg.log.stakes_samples,
-              "log.stakes_clips": cfg.log.stakes_clips, "algo.max_sampling_rounds": cfg.algo.max_sampling_rounds,
+              cfg.log.log_rollouts_every, "log.probe_every": cfg.log.probe_every,
+              "log.stakes_samples": cfg.log.stakes_samples, "log.stakes_clips": cfg.log.stakes_clips,
+              "algo.max_sampling_rounds": cfg.algo.max_sampling_rounds,
               "reward.workers": cfg.reward.workers, "train.threads": cfg.train.threads,
               "rollout.slots": cfg.rollout.slots, "algo.kl_coef": cfg.algo.kl_coef,
               "algo.entropy_coef": cfg.algo.entropy_coef, "echo.coef": cfg.echo.coef,

@@ -579,8 +579,8 @@ def refresh_sampling_copy(twin, model):
 # One-off generation: the slot sampler (default) or HF generate (the reference, hf_generate.py)
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str] | list[list[int]], *, group_size: int, max_new_tokens: int | list[int],
-             temperature: float, top_p: float = 1.0, batch_size: int | None = None,
+def generate(model, tokenizer, prompts: list[str] | list[list[int]], *, group_size: int,
+             max_new_tokens: int | list[int], temperature: float, top_p: float = 1.0, batch_size: int | None = None,
              engine: str = "slots", seed: int | None = None, row_seeds=None, logits_processor=None,
              compile: bool | str = False, return_logprobs: bool = False) -> Rollout:
     """Sample `group_size` completions of each prompt; rows i*G .. i*G+G-1 answer prompt i.

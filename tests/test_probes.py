@@ -260,3 +260,11 @@ def test_with_a_zero_echo_coefficient_the_policy_only_step_is_the_whole_update(m
     assert stats["probe/grad_norm_policy"] > 0 and stats["probe/peak_entropy_change"] != 0
     assert stats["probe/peak_entropy_change_policy"] == pytest.approx(stats["probe/peak_entropy_change"], abs=1e-5)
     assert stats["probe/peak_entropy_change_echo"] == 0.0
+
+
+def test_the_stakes_probe_needs_the_slot_sampler():
+    from config import ConfigError
+    base = ["model.name_or_path=tiny", "data.train=tiny", "rollout.engine=hf", "log.probe_every=4"]
+    with pytest.raises(ConfigError, match="log.stakes_samples"):
+        load_config(None, base)
+    assert load_config(None, base + ["log.stakes_samples=0"]).log.stakes_samples == 0
