@@ -152,8 +152,11 @@ class LogConfig:
     wandb_project: str = "echorl"
     wandb_mode: Literal["offline", "online"] = "offline"
     log_rollouts_every: int = 20      # steps; dump one batch's rollouts (texts, entropies, clips) as JSONL
-    probe_every: int = 0              # steps; EchoRL's gradient share and peak-step sharpening (train.probe_*);
-                                      # costs about 1.5 micro-batch updates a probe; 0 = off
+    probe_every: int = 0              # steps; EchoRL's probes (echorl.probe_update, probe_sharpening): gradient
+                                      # share, peak-step entropy change (whole update, echo-only, policy-only
+                                      # step), peak-step stakes; 0 = off
+    stakes_samples: int = 8           # K continuations per prefix for the stakes of the peak step; 0 = off
+    stakes_clips: int = 16            # the most EchoClips whose stakes a probe measures (0: every clip)
 
 
 @dataclass
@@ -325,7 +328,9 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"config key '{k}' must be > 0, got {v}")
     nonneg = {"train.save_every": cfg.train.save_every, "train.warmup_steps": cfg.train.warmup_steps,
               "eval.every": cfg.eval.every, "eval.limit": cfg.eval.limit, "log.log_rollouts_every":
-              cfg.log.log_rollouts_every, "log.probe_every": cfg.log.probe_every, "algo.max_sampling_rounds": cfg.algo.max_sampling_rounds,
+              cfg.log.log_rollouts_every, "log.probe_every": cfg.log.probe_every,
+              "log.stakes_samples": cfg.log.stakes_samples, "log.stakes_clips": cfg.log.stakes_clips,
+              "algo.max_sampling_rounds": cfg.algo.max_sampling_rounds,
               "reward.workers": cfg.reward.workers, "train.threads": cfg.train.threads,
               "rollout.slots": cfg.rollout.slots, "algo.kl_coef": cfg.algo.kl_coef,
               "algo.entropy_coef": cfg.algo.entropy_coef, "algo.zvp_coef": cfg.algo.zvp_coef, "echo.coef": cfg.echo.coef,
@@ -353,6 +358,9 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"config key 'algo.dual_clip' must be > 1 (or null), got {cfg.algo.dual_clip}")
     if cfg.algo.tis_cap is not None and cfg.algo.tis_cap <= 0:
         raise ConfigError(f"config key 'algo.tis_cap' must be > 0 (or null), got {cfg.algo.tis_cap}")
+    if cfg.log.probe_every and cfg.log.stakes_samples and cfg.rollout.engine != "slots":
+        raise ConfigError("log.stakes_samples: the stakes probe continues prefixes with the slot sampler; set "
+                          "rollout.engine: slots, or log.stakes_samples: 0")
     if cfg.algo.eps_low < 0 or cfg.algo.eps_high < 0:
         raise ConfigError("config keys 'algo.eps_low' and 'algo.eps_high' must be >= 0")
     if cfg.algo.zvp_coef > 0 and cfg.algo.policy_loss != "ppo_clip":

@@ -15,6 +15,8 @@ Everything here is a pure function of tensors so it can be called from a noteboo
 """
 from __future__ import annotations
 
+import copy
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Literal
@@ -23,7 +25,7 @@ import torch
 
 from entropy import step_ids, step_reduce
 from losses import Norm, aggregate
-from metrics import Mean, Sum
+from metrics import Max, Mean, Sum
 
 
 @dataclass
@@ -147,11 +149,31 @@ def _mean_step(step_h: torch.Tensor) -> torch.Tensor:
 # Probes (log.probe_every): how much of the update EchoRL drives, and what it does to the peak step
 
 
+def probe_update(run, batch, micro: list[torch.Tensor], forward, rl_loss) -> dict:
+    """The probes that run before the update (train.py's hook, log.probe_every): EchoRL's gradient share
+    (`probe_gradients`), the effect of an echo-only and of a policy-only optimizer step on the peak step
+    (`probe_split_steps`), and the stakes of the peak step (`probe_stakes`, log.stakes_samples > 0).
+    They work on copies: the weights, the optimizer's state and the global RNG streams leave as they came,
+    so the update that follows is bit-identical with probes on or off (tests/test_probes.py)."""
+    cuda = next(run.model.parameters()).is_cuda
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        grads, stats = _probe_grads(run, batch, micro, forward, rl_loss)
+        stats |= probe_split_steps(run, batch, grads, forward)
+        stats |= probe_stakes(run, batch)
+    return stats
+
+
 def probe_gradients(run, batch, micro: list[torch.Tensor], forward, rl_loss) -> dict:
     """The norm of EchoRL's gradient over the policy loss's, on the first mini-batch of the update (all
     its micro-batches, echo-only rows included), normalised as in the update. One more forward and two
     backwards of that mini-batch. `forward(run, model, mb)` and `rl_loss(run, logp, ent, mb, norm)`
     are train.py's."""
+    return _probe_grads(run, batch, micro, forward, rl_loss)[1]
+
+
+def _probe_grads(run, batch, micro, forward, rl_loss) -> tuple[dict, dict]:
+    """probe_gradients' metrics, and each loss's gradient {"policy"/"echo": (per-parameter fp32 gradients,
+    the mini-batch's tokens of that loss)} for probe_split_steps."""
     cfg, model = run.cfg, run.model
     rows = torch.cat(micro)
     norm = Norm.of(batch.policy_mask[rows], cfg.rollout.max_new_tokens)
@@ -172,8 +194,45 @@ def probe_gradients(run, batch, micro: list[torch.Tensor], forward, rl_loss) -> 
                         a += g.float()
     norm_of = lambda gs: float(torch.sqrt(sum((g ** 2).sum() for g in gs)))
     pg_n, echo_n = norm_of(g_pg), norm_of(g_echo)
-    return {"probe/grad_norm_policy": pg_n, "probe/grad_norm_echo": echo_n,
-            "probe/echo_over_policy": echo_n / pg_n if pg_n > 0 else float(echo_n > 0) * float("inf")}
+    grads = {"policy": (g_pg, norm.n_tokens_real), "echo": (g_echo, n_clip)}
+    return grads, {"probe/grad_norm_policy": pg_n, "probe/grad_norm_echo": echo_n,
+                   "probe/echo_over_policy": echo_n / pg_n if pg_n > 0 else float(echo_n > 0) * float("inf")}
+
+
+def probe_split_steps(run, batch, grads: dict, forward) -> dict:
+    """EchoRL's own effect on the decision it targets, apart from the policy loss's. From the policy as it
+    is before the update, one optimizer step with one loss's gradient alone (`grads`: "echo" -> L_echo's,
+    "policy" -> the RL loss's: policy loss, KL and entropy terms; each summed over the update's first
+    mini-batch, as probe_gradients sums them), taken on a copy of the model and of the optimizer (same
+    type, hyperparameters, learning rate and state), clipped at train.grad_clip as the update clips;
+    a loss without tokens in that mini-batch takes no step (change 0), as in the update. Logs the
+    change of each EchoClip's peak-step mean entropy after that step, against the same forward of the
+    policy before it: `probe/peak_entropy_change_echo` and `_policy` (< 0: the step sharpened the
+    decision). `probe/peak_entropy_change` (probe_sharpening) is the whole update's. Memory: one
+    more copy of the model and its optimizer state, one at a time."""
+    rows = torch.nonzero(batch.clip_mask.sum(-1) > 0).squeeze(-1)
+    mb = batch.select(rows)
+    peak = peak_tokens(mb.clip_mask, mb.extras["step_ids"])
+    run.model.eval()
+    with torch.no_grad():
+        _, before = forward(run, run.model, mb, with_entropy=True)
+    out = {}
+    for name, (g, tokens) in grads.items():
+        change = 0.0
+        if tokens > 0:
+            model, opt = copy.deepcopy((run.model, run.opt))  # one memo: the copy's optimizer holds the copy's
+            params = [p for p in model.parameters() if p.requires_grad]
+            for p, gi in zip(params, g):
+                p.grad = gi.to(p.dtype)
+            torch.nn.utils.clip_grad_norm_(params, run.cfg.train.grad_clip)
+            opt.step()
+            model.eval()
+            with torch.no_grad():
+                _, after = forward(run, model, mb, with_entropy=True)
+            change = peak_entropy_change(before, after, peak)
+            del model, opt
+        out[f"probe/peak_entropy_change_{name}"] = change
+    return out
 
 
 @torch.no_grad()
@@ -205,6 +264,120 @@ def peak_entropy_change(before: torch.Tensor, after: torch.Tensor, peak: torch.T
     n = peak[rows].sum(-1)
     mean = lambda h: (h[rows] * peak[rows]).sum(-1) / n
     return float((mean(after) - mean(before)).mean())
+
+
+def stakes(sample_correct, response_ids: torch.Tensor, sids: torch.Tensor, steps: torch.Tensor, K: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much step k of a response decides its answer: P(correct | the response through step k) -
+    P(correct | the response before step k), each the share of K continuations of that prefix that the
+    verifier accepts (prefix + continuation is the response it verifies).
+
+    response_ids [B, R] (right-padded), sids [B, R] (entropy.step_ids: -1 on padding), steps [B] or
+    [B, J] long: the step k of each row (J steps a row; -1: none, NaN out). The prefix before step k
+    holds the response tokens of steps < k, the one through it those of steps <= k.
+    `sample_correct(prefixes, K) -> [n, K] bool` continues each (row, response prefix ids [L]) K times
+    and verifies prefix + continuation (`continue_and_verify` does it with a run's sampler and
+    verifier); each distinct prefix is asked once, all in one call. Returns (p_before, p_through),
+    float64, of steps' shape; the stakes are their difference."""
+    flat = steps if steps.dim() == 2 else steps[:, None]
+    cut = {}                                                           # (row, prefix length) -> index
+    index = torch.zeros(*flat.shape, 2, dtype=torch.long)              # [B, J, before / through]
+    for b, j in torch.nonzero(flat >= 0).tolist():
+        k = int(flat[b, j])
+        real = sids[b] >= 0
+        for side, n in enumerate((int((real & (sids[b] < k)).sum()), int((real & (sids[b] <= k)).sum()))):
+            index[b, j, side] = cut.setdefault((b, n), len(cut))
+    prefixes = [(b, response_ids[b, :n]) for b, n in cut]
+    verdicts = sample_correct(prefixes, K) if prefixes else torch.zeros(0, K, dtype=torch.bool)
+    assert verdicts.shape == (len(prefixes), K), (verdicts.shape, len(prefixes), K)
+    p = verdicts.double().mean(-1).cpu()[index] if prefixes else torch.zeros(index.shape, dtype=torch.float64)
+    p = p.masked_fill((flat < 0)[..., None].cpu(), float("nan"))
+    p_before, p_through = p[..., 0], p[..., 1]
+    return (p_before, p_through) if steps.dim() == 2 else (p_before[:, 0], p_through[:, 0])
+
+
+def continue_and_verify(run, batch, prefixes: list[tuple[int, torch.Tensor]], K: int) -> torch.Tensor:
+    """`stakes`' sample_correct for a run: each (row of `batch`, response prefix ids) continued K times by
+    the run's sampler (the policy that sampled the batch, at the rollouts' temperature and top-p, up to
+    the rest of rollout.max_new_tokens), prefix + continuation verified by run.reward_fn with the golds
+    of the batch, correct as train.score decides it (reward >= 1; under reward.truncated "zero" a
+    response that reaches the bound without EOS is wrong). A prefix that already holds an EOS, or fills
+    the bound, is verified as it is (K equal verdicts). -> [n, K] bool.
+
+    The sampler takes prompt + prefix as token ids: the policy continues exactly the tokens it sampled.
+    (A text prompt would be re-encoded: with a BPE vocabulary, decode -> encode may split a decoded
+    prefix into other tokens, which the policy would not have sampled.) Continuation j of a prefix
+    draws from a stream keyed on (train.seed, step, the row's key, the prefix length, j): reproducible,
+    and the global RNG is left alone."""
+    cfg, N = run.cfg, run.cfg.rollout.max_new_tokens
+    if run.sampler is None:
+        raise ValueError("the stakes probe continues prefixes with the slot sampler; set rollout.engine: slots")
+    keys = batch.extras.get("row_keys") or [str(b) for b in range(len(batch))]
+    eos = set(run.eos)
+    ids = [x.tolist() for _, x in prefixes]
+    ended = [bool(eos & set(x)) or len(x) >= N for x in ids]
+    # the responses to verify: (prefix i, continuation j; None: the ended prefix itself) -> (ids, truncated)
+    responses = {(i, None): (ids[i], not (eos & set(ids[i]))) for i in range(len(ids)) if ended[i]}
+    todo = [i for i in range(len(ids)) if not ended[i]]
+    if todo:
+        prompts = [batch.prompt_ids[prefixes[i][0]][batch.prompt_mask[prefixes[i][0]] > 0].tolist() + ids[i]
+                   for i in todo]
+        seeds = [zlib.crc32(f"{keys[prefixes[i][0]]}/{len(ids[i])}\x00{j}".encode()) & 0x7FFFFFFF
+                 for i in todo for j in range(K)]
+        gen = run.sampler.generate(prompts, group_size=K, max_new_tokens=[N - len(ids[i]) for i in todo],
+                                   temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                   seed=zlib.crc32(f"stakes/{cfg.train.seed}/{run.step}".encode()), row_seeds=seeds)
+        for r in range(len(gen)):
+            i = todo[r // K]
+            responses[(i, r % K)] = (ids[i] + gen.response_ids[r][gen.response_mask[r] > 0].tolist(),
+                                     bool(gen.truncated[r]))
+    cells = list(responses)
+    texts = run.tok.batch_decode([responses[c][0] for c in cells], skip_special_tokens=True)
+    rewards = run.reward_fn(texts, [batch.extras["golds"][prefixes[i][0]] for i, _ in cells]) if cells else []
+    out = torch.zeros(len(prefixes), K, dtype=torch.bool)
+    for (i, j), r in zip(cells, rewards):
+        out[i, slice(None) if j is None else j] = r >= 1.0 and not (responses[(i, j)][1] and
+                                                                    cfg.reward.truncated == "zero")
+    return out
+
+
+def probe_stakes(run, batch, samples: int | None = None, clips: int | None = None) -> dict:
+    """The premise of EchoRL, measured: does the peak step decide the answer? For the EchoClips of a
+    batch (at most `clips`, default log.stakes_clips, picked by a hash of (seed, step, row key)), the
+    stakes (`stakes`, `continue_and_verify`; K = `samples`, default log.stakes_samples; 0: off) of
+    each clip's peak step k* (highest echo.reduce step entropy under the old policy), and as controls
+    of a random step of the same row (drawn as row_uniforms draws: keyed on seed, step and row key)
+    and of its lowest-entropy step. Logs probe/peak_stakes, probe/random_stakes, probe/lowest_stakes
+    (means over the clips), probe/peak_p_before, probe/peak_p_through, probe/stakes_clips.
+
+    Runs on a batch after train.collect, train.old_policy and echo_clips (a notebook or a study can
+    call it on a warm start; train.py calls it every log.probe_every steps, before the update).
+    Cost: at most 6 x clips distinct prefixes, K continuations each, in one sampler call."""
+    K = run.cfg.log.stakes_samples if samples is None else samples
+    cap = run.cfg.log.stakes_clips if clips is None else clips
+    if K <= 0 or batch.clip_mask is None or not (batch.clip_mask.sum(-1) > 0).any():
+        return {}
+    t0 = time.perf_counter()
+    seed, step = run.cfg.train.seed, run.step
+    keys = batch.extras.get("row_keys") or [str(b) for b in range(len(batch))]
+    rows = torch.nonzero(batch.clip_mask.sum(-1) > 0).squeeze(-1).cpu()
+    if 0 < cap < len(rows):  # a fixed subset: the lowest hashes of the rows' keys
+        h = row_uniforms(seed, step, [f"{keys[b]}/stakes-pick" for b in rows.tolist()])
+        rows = rows[h.argsort()[:cap]].sort().values
+    mb = batch.select(rows)
+    sids = mb.extras["step_ids"]
+    step_h = step_reduce(mb.entropies, sids, run.cfg.echo.reduce)                   # [n, S], -inf = no step
+    n_steps = (sids.amax(-1) + 1).clamp_min(1).cpu()
+    u = row_uniforms(seed, step, [f"{keys[b]}/stakes" for b in rows.tolist()])
+    random_k = (u * n_steps).long().clamp(max=n_steps - 1)
+    lowest_k = step_h.masked_fill(step_h == float("-inf"), float("inf")).argmin(-1).cpu()
+    steps = torch.stack([step_h.argmax(-1).cpu(), random_k, lowest_k], -1)             # [n, 3]
+    before, through = stakes(lambda p, k: continue_and_verify(run, mb, p, k), mb.response_ids, sids.cpu(), steps, K)
+    d, n = (through - before).mean(0), len(rows)
+    return {"probe/peak_stakes": Mean(float(d[0]), n), "probe/random_stakes": Mean(float(d[1]), n),
+            "probe/lowest_stakes": Mean(float(d[2]), n), "probe/peak_p_before": Mean(float(before[:, 0].mean()), n),
+            "probe/peak_p_through": Mean(float(through[:, 0].mean()), n), "probe/stakes_clips": Sum(n),
+            "time/probe_stakes": Max(time.perf_counter() - t0)}
 
 
 def echo_loss(logprobs: torch.Tensor, clip_mask: torch.Tensor, coef: float,

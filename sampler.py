@@ -360,11 +360,13 @@ class Sampler:
         return self.cache
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], **kw) -> Rollout:
+    def generate(self, prompts: list[str] | list[list[int]], **kw) -> Rollout:
         """Sample `group_size` completions of each prompt; rows i*G .. i*G+G-1 answer prompt i.
 
-        Arguments: group_size, max_new_tokens, temperature (0: greedy), top_p, seed, row_seeds,
-        logits_processor. Row b's stream is keyed on (seed, row_seeds[b]); row_seeds defaults to
+        A prompt is a text or its token ids (as given: a prefix continued exactly as sampled).
+        Arguments: group_size, max_new_tokens (one bound, or one per prompt), temperature (0: greedy),
+        top_p, seed, row_seeds, logits_processor. A row's tokens do not depend on its bound, which
+        only ends it earlier. Row b's stream is keyed on (seed, row_seeds[b]); row_seeds defaults to
         the row index, and seed to a draw from torch's global RNG (torch.manual_seed fixes it;
         successive calls differ). Key rows on what identifies them (problem id, sample index) to
         make a row's tokens independent of batching and resuming. `stats` then describes the call.
@@ -379,16 +381,19 @@ class Sampler:
         finally:
             cfg._attn_implementation = impl
 
-    def _generate(self, prompts: list[str], *, group_size: int = 1, max_new_tokens: int, temperature: float,
+    def _generate(self, prompts: list, *, group_size: int = 1, max_new_tokens: int | list[int], temperature: float,
                   top_p: float = 1.0, seed: int | None = None, row_seeds=None, logits_processor=None) -> Rollout:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        bound = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(bound) != len(prompts) or min(bound, default=1) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (one bound, or one per prompt), got {max_new_tokens}")
         from torch._dynamo.utils import counters
         graphs0, skips0 = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
-        dev, G, N = self.device, group_size, max_new_tokens
-        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        dev, G, N = self.device, group_size, max(bound, default=1)
+        ids = [list(map(int, p)) for p in prompts] if prompts and not isinstance(prompts[0], str) else \
+            self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         seqs = [ids[b // G] for b in range(len(prompts) * G)]                # prompt tokens of row b
         B = len(seqs)
+        limit = torch.tensor([bound[b // G] for b in range(B)] + [N], device=dev)  # [B + 1] (row B: the sink)
         # compiled or sized (max_len): always `slots` (idle ones write to the sink row), so a smaller call (a
         # DAPO refill, the last eval chunk) reuses the cache and the captured graphs instead of allocating anew
         fixed = self.compiled or self.max_len is not None
@@ -396,7 +401,7 @@ class Sampler:
         refill = self.refill or max(1, S // 8)
         # one spare column: a window never spans the whole buffer, so the compiled step always sees
         # the same memory layout (a window equal to the buffer would be contiguous: a second graph)
-        need = max(max(map(len, seqs)) + N, self.max_len or 0)
+        need = max(max(len(s) + bound[b // G] for b, s in enumerate(seqs)), self.max_len or 0)
         cache = self._cache_for(S, _round_up(need, self.window) + 1)
         seed = int(torch.randint(0, 2 ** 62, ()).item()) if seed is None else seed
         keys = row_keys(seed, torch.as_tensor(row_seeds if row_seeds is not None else range(B), dtype=torch.long))
@@ -426,7 +431,7 @@ class Sampler:
 
         def record(r, tt, tok, lp, ent):  # store the drawn tokens of rows r [n] at positions tt [n]
             out_tok[r, tt], out_lp[r, tt], out_ent[r, tt] = tok, lp, ent
-            return torch.isin(tok, self.eos) | (tt + 1 >= N)                 # [n] row ends here
+            return torch.isin(tok, self.eos) | (tt + 1 >= limit[r])          # [n] row ends here
 
         def read_flags(k: int) -> None:  # the host takes note of the rows that ended, oldest step first
             nonlocal n_live, max_off
@@ -495,7 +500,9 @@ class Sampler:
         flags.clear()
 
         resp = out_tok[:B]
-        mask, truncated = response_mask_from_ids(resp, self.eos.tolist())
+        beyond = torch.arange(N, device=dev)[None, :] >= limit[:B, None]       # past a row's own bound: padding,
+        mask, truncated = response_mask_from_ids(resp.masked_fill(beyond, -1), self.eos.tolist())  # never an EOS
+        mask = mask.masked_fill(beyond, 0.0)
         R = int(mask.sum(-1).max())
         resp, mask = resp[:, :R], mask[:, :R]
         P = max(map(len, seqs))
@@ -572,8 +579,8 @@ def refresh_sampling_copy(twin, model):
 # One-off generation: the slot sampler (default) or HF generate (the reference, hf_generate.py)
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, group_size: int, max_new_tokens: int,
-             temperature: float, top_p: float = 1.0, batch_size: int | None = None,
+def generate(model, tokenizer, prompts: list[str] | list[list[int]], *, group_size: int,
+             max_new_tokens: int | list[int], temperature: float, top_p: float = 1.0, batch_size: int | None = None,
              engine: str = "slots", seed: int | None = None, row_seeds=None, logits_processor=None,
              compile: bool | str = False, return_logprobs: bool = False) -> Rollout:
     """Sample `group_size` completions of each prompt; rows i*G .. i*G+G-1 answer prompt i.
@@ -583,7 +590,8 @@ def generate(model, tokenizer, prompts: list[str], *, group_size: int, max_new_t
     is built per call, so compilation is off by default here: a caller that samples repeatedly
     on a GPU should hold a `Sampler` (compiled once, its CUDA graphs reused across calls).
     `seed`, `row_seeds`, `logits_processor` and `compile` are the sampler's (see
-    `Sampler.generate`); `return_logprobs` is the "hf" engine's (the sampler always returns them).
+    `Sampler.generate`), as are token-id prompts and one `max_new_tokens` per prompt;
+    `return_logprobs` is the "hf" engine's (the sampler always returns them).
     """
     if engine == "hf":
         return generate_hf(model, tokenizer, prompts, group_size=group_size, max_new_tokens=max_new_tokens,

@@ -107,7 +107,7 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
     if probe:
         with timer(stats, "time/probe"):
             first = slices_of(run, batch, echorl.rows_to_update(batch))[0]
-            stats |= echorl.probe_gradients(run, batch, first, forward, rl_loss)
+            stats |= echorl.probe_update(run, batch, first, forward, rl_loss)
     with timer(stats, "time/update"):
         stats |= update(run, batch)
     if probe:
