@@ -235,7 +235,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=10, help="seeds of every primary arm (and of the secondary's base)")
     ap.add_argument("--secondary", action="store_true", help="the siblings, ablations and story control instead")
     ap.add_argument("--secondary-seeds", type=int, default=5)
-    ap.add_argument("--premise-batches", type=int, default=4, help="rollout batches for each premise check")
+    ap.add_argument("--premise-batches", type=int, default=16, help="rollout batches for each premise check")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "study"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
