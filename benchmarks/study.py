@@ -10,7 +10,8 @@ Design (pre-registered in the README before the first run):
   premise   at the warm start (and again at the branch point): over the EchoClips of all-correct groups,
             the mean peak-step entropy (>= 0.3 nats) and the mean stakes of the peak step (>= 0.10):
             P(correct | through the step) - P(correct | before it), K resampled continuations each
-            (echorl.probe_stakes), beside the same number for a random step and the lowest-entropy step.
+            (echorl.probe_stakes), beside the same number for a random step and the lowest-entropy step;
+            on fork, story and arith (the embedded default) at their warm starts.
   burn-in   one shared run from the warm start, the authors' preset (algo.name=paper) without EchoRL,
             until the saturated regime: degenerate groups >= 0.6 of prompts over its last 16 steps
             (the gate is printed and recorded; the branches run either way and the verdict says so).
@@ -57,6 +58,7 @@ PREMISE_ENTROPY, PREMISE_STAKES = 0.3, 0.10
 TASKS = {  # each task's settings on top of configs/tiny.yaml (its warm start is keyed on them)
     "fork": ["tiny.task=fork", "tiny.min_ops=2", "tiny.max_ops=2", "tiny.sft_habit=0.25", "tiny.sft_steps=1000"],
     "story": ["tiny.task=story", "rollout.max_new_tokens=80"],
+    "arith": [],  # the embedded default: its premise only
 }
 COMMON = ["algo.name=paper", "rollout.prompts_per_step=16", "train.save_every=0", "log.log_rollouts_every=0",
           "eval.limit=200"]
@@ -246,7 +248,7 @@ def main(argv=None):
     res_dir = Path(args.results)
     res_dir.mkdir(parents=True, exist_ok=True)
     walls, report, record = {}, [], {"part": part, "code": code_hash(), "cpu": cpu_model(), "args": vars(args)}
-    tasks = ["fork", "story"]
+    tasks = ["fork", "story", "arith"]
     ckpts, premises = {}, []
     for task in tasks:
         base = load_config(args.config, TASKS[task] + COMMON + args.overrides)
@@ -258,7 +260,7 @@ def main(argv=None):
         p, walls[f"{task} premise (warm start)"] = premise(args.config, TASKS[task] + COMMON + args.overrides,
                                                            Path(args.out) / task / "premise_start", args.premise_batches)
         premises.append((task, "warm start", p))
-        if task == "fork" or args.secondary:
+        if task == "fork" or (task == "story" and args.secondary):
             ckpt, degenerate, burn_rows = burn_in(args.config, task, args, walls)
             ckpts[task] = ckpt
             record[f"{task}_gate"] = {"degenerate_last16": degenerate, "passed": degenerate >= GATE,
