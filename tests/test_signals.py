@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,9 @@ def two_ranks(ctx, args: list[str], log: Path, signal_at: str = "", timeout: flo
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ECHORL_TEST_SIGNAL": signal_at}
         procs.append(ctx.Process(target=rank, args=(env, args, f"{log}.rank{r}")))
         procs[-1].start()
+    deadline = time.monotonic() + timeout
     for p in procs:
-        p.join(timeout)
+        p.join(max(0.0, deadline - time.monotonic()))
     hung = [r for r, p in enumerate(procs) if p.exitcode is None]
     for p in procs:
         if p.exitcode is None:
