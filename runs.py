@@ -12,10 +12,11 @@
 A fresh run never writes into a folder that holds another run (prepare_out_dir). A checkpoint is
 written to a temporary folder and renamed into place, and `latest` is replaced atomically, so a crash
 mid-save never corrupts the last good checkpoint; a failed write (a full disk) removes its temporary
-folder. `--resume` reloads everything a run needs to reproduce the uninterrupted run's next metrics;
-a run written by N processes resumes with N processes. Opening a run folder never runs code from it:
-weights are safetensors, state.pt and rank{r}.pt load with torch.load(weights_only=True) (tensors, lists,
-ints, strings), and the sharded metadata with an unpickler that knows only its own classes.
+folder, and the next save removes any that a killed run left. `--resume` reloads everything a run
+needs to reproduce the uninterrupted run's next metrics; a run written by N processes resumes with N
+processes. Opening a run folder never runs code from it: weights are safetensors, state.pt and
+rank{r}.pt load with torch.load(weights_only=True) (tensors, lists, ints, strings), and the sharded
+metadata with an unpickler that knows only its own classes.
 """
 from __future__ import annotations
 
@@ -186,7 +187,8 @@ def save_checkpoint(out: Path, step: int, run, keep: int) -> Path:
 
     def fresh():
         ckdir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for old in ckdir.glob(".tmp_step_*"):  # this step's, or any a killed save left: never complete
+            shutil.rmtree(old, ignore_errors=True)
         tmp.mkdir()
     errors = [e for e in world.gather(attempt(fresh) if world.main else None) if e]
     full, sharded_error = None, None
