@@ -163,6 +163,12 @@ def probe_update(run, batch, micro: list[torch.Tensor], forward, rl_loss) -> dic
     return stats
 
 
+def probing(run, batch) -> bool:
+    """log.probe_every: EchoRL's probes run on this step (one process; they hold clips to measure)."""
+    every = run.cfg.log.probe_every
+    return bool(every and run.cfg.echo.enabled and (run.step + 1) % every == 0 and batch.clip_mask.sum() > 0)
+
+
 def probe_gradients(run, batch, micro: list[torch.Tensor], forward, rl_loss) -> dict:
     """The norm of EchoRL's gradient over the policy loss's, on the first mini-batch of the update (all
     its micro-batches, echo-only rows included), normalised as in the update. One more forward and two

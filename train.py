@@ -103,7 +103,7 @@ def train_step(run: Run) -> tuple[dict, Rollout]:
     if run.cfg.echo.enabled:  # EchoRL: the clips of the all-correct groups
         with timer(stats, "time/echo_select"):
             stats |= echorl.echo_clips(run, batch)
-    probe = probing(run, batch)
+    probe = echorl.probing(run, batch)
     if probe:
         with timer(stats, "time/probe"):
             first = slices_of(run, batch, echorl.rows_to_update(batch))[0]
@@ -218,9 +218,8 @@ def collect(run: Run) -> tuple[Rollout, dict]:
 
 
 def step_seed(run: Run, round_: int) -> int:
-    """The sampling seed of a step's round: a function of (seed, step, round) alone, so a resumed run
-    draws what the uninterrupted one would have; with the row seeds (the problem's id and the sample's
-    index) one process and N ranks draw the same texts."""
+    """The sampling seed of a step's round, a function of (seed, step, round) alone: a resumed run draws what the
+    uninterrupted one would; with the row seeds (problem id, sample index) 1 process and N ranks draw alike."""
     return zlib.crc32(f"{run.cfg.train.seed}/{run.step}/{round_}".encode())
 
 
@@ -251,11 +250,9 @@ def compute_advantages(run: Run, batch: Rollout) -> dict:
     total = run.world.sum if run.world.size > 1 else None
     if pol.any() or total is not None:  # under torchrun every rank joins the batch-wide sums, rows or not
         adv[pol] = ADVANTAGES[algo.advantage](batch.rewards[pol], batch.group[pol], total=total)
-    if algo.zvp_coef > 0:
-        tok = torch.zeros_like(batch.entropies, dtype=torch.float)                     # [B, R]
-        tok[pol] = zvp_advantages(adv[pol], batch.rewards[pol], batch.correct[pol], batch.group[pol],
-                                  batch.entropies[pol], batch.response_mask[pol], algo.zvp_coef)
-        adv = tok
+    if algo.zvp_coef > 0:  # rows outside the policy loss keep 0 on every token
+        adv = zvp_advantages(adv, batch.rewards, batch.correct, batch.group, batch.entropies,
+                             batch.response_mask * pol[:, None], algo.zvp_coef)
     batch.advantages = adv
     return {}
 
@@ -307,10 +304,8 @@ def old_policy(run: Run, batch: Rollout) -> dict:
 
 
 def old_logprobs_from_sampler(run: Run) -> bool:
-    """train.old_logprobs: "auto" takes the sampler's numbers when it samples with the policy's own
-    weights in the policy's own fp32/fp64 dtype without autocast: the same computation as the
-    trainer's pass. Under torchrun the sampling copy holds those same weights (dist.refresh_copy), so
-    one process and N ranks resolve "auto" alike."""
+    """train.old_logprobs: "auto" takes the sampler's numbers when it samples with the policy's own weights in
+    fp32/fp64 without autocast (the trainer's computation; under torchrun too, so N ranks resolve it alike)."""
     mode, m = run.cfg.train.old_logprobs, run.cfg.model
     if mode == "auto":  # in bf16/fp16, cached decoding and a full pass differ at the dtype's precision
         same_dtype = rollout_dtype(run.cfg) == getattr(torch, m.dtype)
@@ -341,8 +336,7 @@ def update(run: Run, batch: Rollout) -> dict:
         (dist.refresh_copy if run.world.launched else refresh_sampling_copy)(run.sampling_weights, run.model)
     out = {k: Sum(v / max(n_opt, 1)) for k, v in totals.items()}  # per optimizer step
     out["grad_norm"] = float(out.get("grad_norm", 0.0))           # global already: equal on every rank
-    for k in ("loss_pg", "loss_echo", "kl", "clip_frac_low", "clip_frac_high"):
-        out.setdefault(k, Sum(0.0))
+    out = {k: Sum(0.0) for k in ("loss_pg", "loss_echo", "kl", "clip_frac_low", "clip_frac_high")} | out
     return {**out, "lr": run.sched.get_last_lr()[0]}
 
 
@@ -350,11 +344,9 @@ def accumulate_gradients(run: Run, batch: Rollout, micro: list[torch.Tensor | No
     """Backward the loss of one mini-batch (`micro`: one tensor of row indices per micro-batch; None:
     a step-keeping forward, see even_out); gradients accumulate in .grad. Returns this rank's share
     of the mini-batch's losses and clip fractions, and under "tokens" the policy and clip tokens the
-    whole mini-batch (every rank) trains on: 0 means nothing to learn from.
-
-    Normalisers are counted over the whole mini-batch (on every rank), not per micro-batch: every
-    micro-batch loss is then its exact share of the mini-batch loss, so the gradient does not depend
-    on how the mini-batch is split into micro-batches or over processes (README pitfall 4)."""
+    whole mini-batch (every rank) trains on: 0 means nothing to learn from. Normalisers are counted over
+    the whole mini-batch on every rank, so each micro-batch loss is its exact share of the mini-batch's
+    and the gradient does not depend on the split into micro-batches or processes (README pitfall 4)."""
     cfg, algo, world = run.cfg, run.cfg.algo, run.world
     rows = torch.cat([idx for idx in micro if idx is not None] or [torch.zeros(0, dtype=torch.long)])
     mask = batch.policy_mask[rows]                                                      # [n, R]
@@ -413,12 +405,6 @@ def slices_of(run: Run, batch: Rollout, keep: torch.Tensor | None = None) -> lis
     size = t.micro_batch_size // G * G or t.micro_batch_size
     return update_slices(batch, t.mini_batches, size, keep, run.world.sum if run.world.size > 1 else None)
 
-
-def probing(run: Run, batch: Rollout) -> bool:
-    """log.probe_every: EchoRL's probes run on this step (one process; they hold clips to measure)."""
-    every = run.cfg.log.probe_every
-    return bool(every and run.cfg.echo.enabled and (run.step + 1) % every == 0 and batch.clip_mask.sum() > 0)
-
 # ========================================================================================
 # Setup: one place that builds a run (train.py, the benchmarks and the tests all use it)
 
@@ -427,10 +413,9 @@ def setup(cfg: Config, *, checkpoint: Path | None = None, reward_fn: RewardFn | 
           world: World | None = None) -> Run:
     """Model, tokenizer, optimizer, scheduler, reference model, problem stream, reward function, sampler.
 
-    `checkpoint`: a checkpoint folder to continue from. `reward_fn(responses, golds) -> rewards` replaces
-    the verifier. Under torchrun (`world`, default: dist.init) the policy is sharded with FSDP2 and
-    rollouts sample from a full copy of it (dist.py). Global RNGs are seeded after every model is
-    built, so the run does not depend on whether the tiny warm start had to be built first."""
+    `checkpoint`: a checkpoint folder to continue from. `reward_fn(responses, golds) -> rewards` replaces the
+    verifier. Under torchrun (`world`, default: dist.init) the policy is sharded with FSDP2 and rollouts sample
+    from a full copy (dist.py). RNGs are seeded after every model is built (a cached warm start or not)."""
     world = world or dist.init(cfg)
     if cfg.log.probe_every and world.launched:
         raise ConfigError("log.probe_every: EchoRL's probes compare gradients on one process's full model; "
