@@ -177,10 +177,19 @@ def burn_in(config: str, task: str, args, walls: dict) -> tuple[Path, float, lis
     return ckpt, degenerate, rows
 
 
+def run_summary(rows: list[dict], wall: float) -> dict:
+    """One branch run: its final held-out accuracy and the means over its steps of what EchoRL acts on."""
+    steps = [r for r in rows if r["step"] > 0]
+    mean = lambda k: statistics.mean(r.get(k, 0.0) for r in steps)
+    return {"acc": next(x[KEY] for x in reversed(rows) if KEY in x), "frac_degenerate": mean("frac_degenerate"),
+            "frac_all_success": mean("frac_all_success"), "clips_per_step": mean("echo/n_clips"),
+            "loss_echo": mean("loss_echo"), "reward": mean("reward"), "wall_s": wall}
+
+
 def branches(config: str, task: str, ckpt: Path, arms: dict, seeds: int, args, walls: dict, done: list) -> dict:
-    """Every arm x seed from the burn-in's checkpoint: {arm: [final held-out avg@16 per seed]}, runs' rows."""
-    acc, rows = {a: [] for a in arms}, {}
-    total = len(arms) * seeds
+    """Every arm x seed from the burn-in's checkpoint: {arm: [final held-out avg@16 per seed]}, and per run
+    its summary (run_summary)."""
+    acc, runs = {a: [] for a in arms}, {}
     for seed in range(seeds):
         for arm, ov in arms.items():
             done[0] += 1
@@ -188,10 +197,43 @@ def branches(config: str, task: str, ckpt: Path, arms: dict, seeds: int, args, w
             run_ov = TASKS[task] + COMMON + BRANCH + [f"model.name_or_path={ckpt}", f"train.seed={seed}"] + ov
             r, walls[f"{task} {arm} seed{seed}"] = run_one(config, run_ov + args.overrides,
                                                            Path(args.out) / task / arm.replace(" ", "_") / f"seed{seed}")
-            rows[(arm, seed)] = r
-            acc[arm].append(next(x[KEY] for x in reversed(r) if KEY in x))
-    del total
-    return {"acc": acc, "rows": rows}
+            runs[f"{arm} | seed {seed}"] = run_summary(r, walls[f"{task} {arm} seed{seed}"])
+            acc[arm].append(runs[f"{arm} | seed {seed}"]["acc"])
+    return {"acc": acc, "runs": runs}
+
+
+def per_seed_table(acc: dict) -> list[str]:
+    """Every run's final held-out avg@16: one row per arm, one column per seed (the numbers behind each Δ)."""
+    n = max(map(len, acc.values()))
+    lines = ["| arm | " + " | ".join(f"seed {i}" for i in range(n)) + " |", "|---|" + "---|" * n]
+    return lines + [f"| {a} | " + " | ".join(f"{x:.4f}" for x in xs) + " |" for a, xs in acc.items()]
+
+
+def plot_burn_in(rows: list[dict], path: Path, title: str) -> None:
+    """The burn-in: degenerate groups per step (the gate's window shaded) and held-out accuracy."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        print(f"plot skipped: {e}")
+        return
+    steps = [r for r in rows if r["step"] > 0]
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3.2))
+    ax[0].plot([r["step"] for r in steps], [r["frac_degenerate"] for r in steps], lw=1, label="degenerate groups")
+    ax[0].plot([r["step"] for r in steps], [r["frac_all_success"] for r in steps], lw=1, label="all-correct groups")
+    ax[0].axvspan(steps[-min(16, len(steps))]["step"], steps[-1]["step"], color="0.9")
+    ax[0].axhline(GATE, color="C3", lw=0.8, ls="--", label=f"gate {GATE} (mean over the shaded steps)")
+    ax[0].set_xlabel("step")
+    ax[0].legend(fontsize=7)
+    ev = [r for r in rows if KEY in r]
+    ax[1].plot([r["step"] for r in ev], [r[KEY] for r in ev], "o-")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("held-out avg@4")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def paired_table(acc: dict, base: str, arms: list[str]) -> list[str]:
@@ -265,6 +307,7 @@ def main(argv=None):
             ckpts[task] = ckpt
             record[f"{task}_gate"] = {"degenerate_last16": degenerate, "passed": degenerate >= GATE,
                                       "burn_in_acc": [r[KEY] for r in burn_rows if KEY in r]}
+            plot_burn_in(burn_rows, res_dir / f"burn_in_{task}.png", f"{task}: the shared burn-in (paper preset, EchoRL off)")
             p2, walls[f"{task} premise (branch point)"] = premise(
                 args.config, TASKS[task] + COMMON + [f"model.name_or_path={ckpt}"] + args.overrides,
                 Path(args.out) / task / "premise_branch", args.premise_batches)
@@ -283,7 +326,8 @@ def main(argv=None):
         arms = [a for a in PRIMARY if a != "lambda=0"]
         report.append("**Primary (pre-registered)**: fork, the paper preset, EchoRL's lambda vs off, paired by seed\n\n"
                       + "\n".join(paired_table(b["acc"], "lambda=0", arms)))
-        record["fork"] = {"acc": b["acc"], "verdicts": {a: verdict([x - y for x, y in zip(b["acc"][a], b["acc"]["lambda=0"])],
+        report.append("Per seed (held-out avg@16 at the end of each branch):\n\n" + "\n".join(per_seed_table(b["acc"])))
+        record["fork"] = {"acc": b["acc"], "runs": b["runs"], "verdicts": {a: verdict([x - y for x, y in zip(b["acc"][a], b["acc"]["lambda=0"])],
                                                                    MARGIN) for a in arms}}
         plot_paired(b["acc"], "lambda=0", arms, res_dir / "paired_primary.png",
                     f"fork: EchoRL vs off, {args.seeds} seeds (paired)")
@@ -295,7 +339,9 @@ def main(argv=None):
         s = branches(args.config, "story", ckpts["story"], STORY_ARMS, args.secondary_seeds, args, walls, done)
         report.append(f"**Control**: story, {args.secondary_seeds} seeds\n\n"
                       + "\n".join(paired_table(s["acc"], "lambda=0", ["lambda=0.01"])))
-        record["fork"], record["story"] = {"acc": b["acc"]}, {"acc": s["acc"]}
+        report.append("Per seed (held-out avg@16 at the end of each branch), fork then story:\n\n"
+                      + "\n".join(per_seed_table(b["acc"])) + "\n\n" + "\n".join(per_seed_table(s["acc"])))
+        record["fork"], record["story"] = {"acc": b["acc"], "runs": b["runs"]}, {"acc": s["acc"], "runs": s["runs"]}
         plot_paired(b["acc"], "lambda=0", list(SECONDARY), res_dir / "paired_secondary.png",
                     f"fork: siblings and ablations vs EchoRL off, {args.secondary_seeds} seeds")
     total = sum(walls.values())

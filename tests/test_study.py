@@ -121,3 +121,22 @@ def test_plot_paired_writes_a_png(tmp_path):
     acc = {"lambda=0": [0.5, 0.6, 0.7], "lambda=0.01": [0.52, 0.6, 0.69]}
     study.plot_paired(acc, "lambda=0", ["lambda=0.01"], tmp_path / "p.png", "t")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_summary_and_per_seed_table():
+    rows = [{"step": 0}, {"step": 1, "frac_degenerate": 0.5, "frac_all_success": 0.25, "echo/n_clips": 2.0,
+                          "loss_echo": 1e-3, "reward": 0.5},
+            {"step": 2, "frac_degenerate": 1.0, "frac_all_success": 0.75, "reward": 1.0, study.KEY: 0.625}]
+    s = study.run_summary(rows, 12.0)
+    assert s == {"acc": 0.625, "frac_degenerate": 0.75, "frac_all_success": 0.5, "clips_per_step": 1.0,
+                 "loss_echo": 5e-4, "reward": 0.75, "wall_s": 12.0}
+    lines = study.per_seed_table({"lambda=0": [0.5, 0.625], "lambda=0.01": [0.5, 0.75]})
+    assert lines[0] == "| arm | seed 0 | seed 1 |" and lines[3] == "| lambda=0.01 | 0.5000 | 0.7500 |"
+
+
+def test_plot_burn_in_writes_a_png(tmp_path):
+    rows = [{"step": 0, study.KEY: 0.5}] + [{"step": s, "frac_degenerate": s / 20, "frac_all_success": s / 25}
+                                           for s in range(1, 21)]
+    rows[-1][study.KEY] = 0.9
+    study.plot_burn_in(rows, tmp_path / "b.png", "t")
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
